@@ -1,0 +1,3 @@
+"""Version of lightning-validate, read by the build backend and the package."""
+
+__version__ = "0.1.0"
