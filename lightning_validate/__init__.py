@@ -1,0 +1,69 @@
+"""lightning-validate: model validation in PyTorch and PyTorch Lightning, correct, checked and fast.
+
+Three rules of validation: switch the model to eval mode, turn gradients off, and afterwards give the model back
+exactly as it was. ``evaluating()`` and ``validate()`` apply them in plain PyTorch, ``ValidationMixin`` supplies
+exact, sync-free validation and test steps for Lightning, and ``ModeCheck`` checks all three rules at every phase
+boundary of a Lightning run.
+
+``import lightning_validate`` does not import Lightning: ``ModeCheck`` and ``ValidationMixin`` load it on first use.
+
+Example:
+    >>> import torch
+    >>> from lightning_validate import evaluating
+    >>> model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout())
+    >>> with evaluating(model):
+    ...     (model.training, torch.is_grad_enabled())
+    (False, False)
+    >>> model.training
+    True
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from lightning_validate.__about__ import __version__
+from lightning_validate.engine import Snapshot, compare, take_snapshot
+from lightning_validate.evaluating import evaluating
+from lightning_validate.findings import CODES, Finding, ModeCheckError, ModeCheckWarning
+
+if TYPE_CHECKING:
+    from lightning_validate.loop import validate
+    from lightning_validate.mixin import ValidationMixin
+    from lightning_validate.mode_check import ModeCheck
+
+__all__ = [
+    "CODES",
+    "Finding",
+    "ModeCheck",
+    "ModeCheckError",
+    "ModeCheckWarning",
+    "Snapshot",
+    "ValidationMixin",
+    "__version__",
+    "compare",
+    "evaluating",
+    "take_snapshot",
+    "validate",
+]
+
+# Names whose modules import Lightning (or tqdm) are loaded on first attribute access, so that plain-PyTorch
+# users of `evaluating()` pay nothing for Lightning.
+_LAZY = {
+    "ModeCheck": "lightning_validate.mode_check",
+    "ValidationMixin": "lightning_validate.mixin",
+    "validate": "lightning_validate.loop",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'lightning_validate' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

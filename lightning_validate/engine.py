@@ -1,0 +1,598 @@
+"""The check engine: snapshot a module's state, compare two snapshots, check a state, return findings.
+
+Plain torch, no Lightning: ``ModeCheck``, ``evaluating()`` and ``validate()`` are thin adapters over it.
+
+A ``Snapshot`` records every submodule's ``training`` flag by qualified name, the grad mode, each parameter's
+``requires_grad``, and a content fingerprint of every parameter, buffer and ``.grad``. The fingerprint is computed
+from the values (a float64 sum and a float64 L2 norm per tensor), not from ``tensor._version``: writes through
+``.data`` and native BatchNorm running-stat updates do not bump version counters. The fingerprint stays on the
+tensors' device until two snapshots are compared, so taking a snapshot never synchronizes with a GPU and a
+comparison costs one synchronization per device.
+
+Example:
+    >>> import torch
+    >>> model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    >>> before = take_snapshot(model)
+    >>> _ = model(torch.randn(4, 2))  # train mode: BatchNorm updates its running statistics
+    >>> for f in compare(before, take_snapshot(model), phase="evaluating"):
+    ...     print(f.code, f.module, f.seen)
+    LV202 1 3 buffers changed
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from lightning_validate.findings import Finding
+
+__all__ = [
+    "ModeIndex",
+    "Snapshot",
+    "check_eval_state",
+    "check_train_state",
+    "compare",
+    "display_name",
+    "matches_any",
+    "take_snapshot",
+    "unwrap",
+]
+
+#: Attribute segments that wrappers insert into qualified names; removed so that names stay those of the user's
+#: model whether it is compiled, wrapped by FSDP or activation checkpointing.
+_WRAPPER_SEGMENTS = frozenset({"_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"})
+
+ROOT = "<model>"
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """Return the user's module inside ``torch.compile``, DDP/DataParallel and Lightning strategy wrappers.
+
+    Example:
+        >>> net = torch.nn.Linear(1, 1)
+        >>> unwrap(torch.nn.DataParallel(net)) is net
+        True
+    """
+    seen: set[int] = set()
+    while id(model) not in seen:
+        seen.add(id(model))
+        inner: object = model.__dict__.get("_modules", {}).get("_orig_mod")  # torch.compile's OptimizedModule
+        if inner is None and isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            inner = model.module
+        if inner is None:  # Lightning's _LightningModuleWrapperBase keeps the LightningModule here
+            inner = model.__dict__.get("_modules", {}).get("_forward_module")
+        if not isinstance(inner, nn.Module):
+            break
+        model = inner
+    return model
+
+
+def _clean(name: str) -> str:
+    if not any(seg in name for seg in _WRAPPER_SEGMENTS):
+        return name
+    return ".".join(part for part in name.split(".") if part not in _WRAPPER_SEGMENTS)
+
+
+def display_name(name: str) -> str:
+    """Qualified name as shown to users: the root module (``""``) is ``"<model>"``."""
+    return name or ROOT
+
+
+def matches_any(name: str, patterns: Sequence[str]) -> bool:
+    """Whether a qualified name, or one of its ancestors, matches one of the glob ``patterns``.
+
+    A pattern that names a submodule covers its descendants too, so allowing ``"head.mc_dropout"`` allows
+    ``"head.mc_dropout.inner"``.
+
+    Example:
+        >>> matches_any("head.drop.inner", ["head.drop"]), matches_any("head.fc", ["*.drop*"])
+        (True, False)
+    """
+    if not patterns:
+        return False
+    parts = name.split(".") if name else []
+    candidates = [".".join(parts[:k]) for k in range(len(parts), 0, -1)]
+    return any(fnmatch.fnmatchcase(c, p) for c in candidates for p in patterns)
+
+
+def _ancestors(name: str) -> list[str]:
+    """The root, then each prefix of ``name``, then ``name`` itself (top-down)."""
+    if not name:
+        return [""]
+    parts = name.split(".")
+    return ["", *(".".join(parts[:k]) for k in range(1, len(parts) + 1))]
+
+
+def _group(changed: Iterable[str], universe: Iterable[str], *, root: bool = True) -> list[tuple[str, int]]:
+    """Collapse names into the topmost prefixes all of whose members changed, with how many each covers.
+
+    Fifty BatchNorm layers of a backbone un-frozen together are one finding about ``backbone``, not fifty.
+    With ``root=False`` nothing collapses into the whole model: "the model's tensors changed" names nothing.
+    """
+    changed = list(dict.fromkeys(changed))
+    if not changed:
+        return []
+    changed_set = set(changed)
+    total: dict[str, int] = {}
+    hits: dict[str, int] = {}
+    for name in universe:
+        inside = name in changed_set
+        for anc in _ancestors(name):
+            total[anc] = total.get(anc, 0) + 1
+            if inside:
+                hits[anc] = hits.get(anc, 0) + 1
+    out: dict[str, int] = {}
+    for name in changed:
+        for anc in _ancestors(name)[0 if root else 1:]:
+            # A prefix that is not itself a member only absorbs groups of two or more: one changed tensor is
+            # named by its own name, not by its module's.
+            if total.get(anc, 0) and hits.get(anc, 0) == total[anc] and (anc == name or total[anc] > 1):
+                out.setdefault(anc, hits[anc])
+                break
+        else:
+            out.setdefault(name, 1)
+    return list(out.items())
+
+
+def _covers(count: int, noun: str) -> str:
+    return f"covers {count} {noun}" if count > 1 else ""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Fingerprints
+
+
+def _fingerprint_rows(tensors: list[Tensor]) -> Tensor:
+    """Per tensor ``[sum, L2 norm]`` in float64, on the tensors' device, without a host synchronization.
+
+    The sum is sensitive to sign flips, the norm to changes that keep the sum; float64 accumulation makes both
+    see a change of one element by one part in a million. The norms are fused (``_foreach_norm``): one kernel for
+    many tensors on a GPU.
+    """
+    if not tensors:
+        return torch.zeros(0, 2, dtype=torch.float64)
+    device = tensors[0].device
+    with torch.no_grad():
+        flat = [t.reshape(-1) for t in tensors]
+        floats = [i for i, t in enumerate(flat) if t.is_floating_point()]
+        rows = torch.zeros(len(flat), 2, dtype=torch.float64, device=device)
+        sums = []
+        for t in flat:
+            if t.is_complex():
+                t = torch.view_as_real(t).reshape(-1)
+            sums.append(t.sum(dtype=torch.float64))
+        rows[:, 0] = torch.stack(sums)
+        if floats:
+            norms = torch._foreach_norm([flat[i] for i in floats], 2, dtype=torch.float64)
+            rows[floats, 1] = torch.stack(list(norms))
+    return rows
+
+
+@dataclass
+class _Fingerprint:
+    """Fingerprints of named tensors, kept on their devices until first read."""
+
+    keys: list[tuple[str, str]] = field(default_factory=list)  # (kind, name); kind: param, buffer, grad
+    _device_rows: list[tuple[list[int], Tensor]] = field(default_factory=list)
+    _host: dict[tuple[str, str], tuple[float, float]] | None = None
+
+    @classmethod
+    def of(cls, named: list[tuple[str, str, Tensor]]) -> _Fingerprint:
+        by_device: dict[torch.device, list[int]] = {}
+        usable: list[tuple[str, str, Tensor]] = []
+        for kind, name, t in named:
+            if _fingerprintable(t):
+                by_device.setdefault(t.device, []).append(len(usable))
+                usable.append((kind, name, t))
+        fp = cls(keys=[(k, n) for k, n, _ in usable])
+        for idx in by_device.values():
+            fp._device_rows.append((idx, _fingerprint_rows([usable[i][2] for i in idx])))
+        return fp
+
+    def values(self) -> dict[tuple[str, str], tuple[float, float]]:
+        """Host copy of every fingerprint: one device-to-host copy (one synchronization) per device, once."""
+        if self._host is None:
+            host: dict[tuple[str, str], tuple[float, float]] = {}
+            for idx, rows in self._device_rows:
+                for i, (s, n) in zip(idx, rows.cpu().tolist()):
+                    host[self.keys[i]] = (s, n)
+            self._host = host
+            self._device_rows = []
+        return self._host
+
+
+def _fingerprintable(t: Tensor) -> bool:
+    if isinstance(t, nn.parameter.UninitializedTensorMixin) or t.is_meta:
+        return False
+    # Sharded tensors (DTensor) would need a collective to read; their local shard is what this rank can change.
+    to_local = getattr(t, "to_local", None)
+    return not (callable(to_local) and type(t).__name__ == "DTensor")
+
+
+def _same(a: tuple[float, float], b: tuple[float, float]) -> bool:
+    # NaN weights compare equal to themselves: "still NaN" is not a change made by evaluation.
+    return all(x == y or (math.isnan(x) and math.isnan(y)) for x, y in zip(a, b))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Snapshots
+
+
+@dataclass(eq=False)
+class Snapshot:
+    """The state of a module at one moment, for ``compare``. Build it with ``take_snapshot``.
+
+    Attributes:
+        modes: qualified submodule name -> ``training`` flag (the root is ``""``).
+        types: qualified submodule name -> class name, for messages.
+        grad_enabled: ``torch.is_grad_enabled()`` when taken.
+        inference_mode: ``torch.is_inference_mode_enabled()`` when taken.
+        requires_grad: parameter name -> ``requires_grad``.
+        has_grad: parameter name -> whether ``.grad`` was set (``None`` when grads were not recorded).
+    """
+
+    modes: dict[str, bool]
+    types: dict[str, str]
+    grad_enabled: bool
+    inference_mode: bool
+    requires_grad: dict[str, bool]
+    has_grad: dict[str, bool] | None
+    _fingerprint: _Fingerprint | None = None
+
+    @property
+    def has_content(self) -> bool:
+        """Whether parameter, buffer and grad contents were fingerprinted."""
+        return self._fingerprint is not None
+
+    def fingerprints(self) -> dict[tuple[str, str], tuple[float, float]]:
+        """``(kind, name) -> (sum, norm)`` for every fingerprinted tensor; synchronizes once per device."""
+        return self._fingerprint.values() if self._fingerprint is not None else {}
+
+    def describe(self, name: str) -> str:
+        """``"backbone.bn1 (BatchNorm2d)"``: a submodule's display name with its class."""
+        cls = self.types.get(name)
+        return f"{display_name(name)} ({cls})" if cls else display_name(name)
+
+
+def take_snapshot(model: nn.Module, *, content: bool = True, grads: bool = True) -> Snapshot:
+    """Record a module's modes, grad mode, ``requires_grad`` flags and (optionally) content fingerprints.
+
+    Wrappers (``torch.compile``, DDP, Lightning's strategy wrappers) are looked through, and wrapper segments are
+    removed from names, so snapshots of the wrapped and the bare model compare equal.
+
+    Args:
+        model: the module to record.
+        content: fingerprint parameters and buffers (and ``.grad`` when ``grads``). Without it only flags are kept.
+        grads: record which parameters have ``.grad`` and, with ``content``, fingerprint the grads.
+
+    Returns:
+        The snapshot. Taking it never synchronizes with a GPU.
+
+    Example:
+        >>> s = take_snapshot(torch.nn.Sequential(torch.nn.Linear(1, 1)).eval())
+        >>> s.modes, s.requires_grad
+        ({'': False, '0': False}, {'0.weight': True, '0.bias': True})
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"Expected `model` to be a torch.nn.Module but got {type(model).__name__}.")
+    model = unwrap(model)
+    modes: dict[str, bool] = {}
+    types: dict[str, str] = {}
+    for name, module in model.named_modules():
+        name = _clean(name)
+        modes[name] = bool(module.training)
+        types[name] = type(module).__name__
+    params = [(_clean(n), p) for n, p in model.named_parameters()]
+    requires_grad = {n: bool(p.requires_grad) for n, p in params}
+    has_grad = {n: p.grad is not None for n, p in params} if grads else None
+    fp = None
+    if content:
+        named: list[tuple[str, str, Tensor]] = [("param", n, p) for n, p in params]
+        named += [("buffer", _clean(n), b) for n, b in model.named_buffers()]
+        if grads:
+            named += [("grad", n, p.grad) for n, p in params if p.grad is not None]
+        fp = _Fingerprint.of(named)
+    return Snapshot(
+        modes=modes,
+        types=types,
+        grad_enabled=torch.is_grad_enabled(),
+        inference_mode=torch.is_inference_mode_enabled(),
+        requires_grad=requires_grad,
+        has_grad=has_grad,
+        _fingerprint=fp,
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Comparing two snapshots
+
+_FIX_MODE_RESTORE = (
+    "restore each submodule's own mode instead of calling `model.train()`: "
+    "`with lightning_validate.evaluating(model): ...`, or in Lightning remove the `on_validation_model_train` "
+    "override (Lightning >= 2.2 restores every submodule's mode itself)"
+)
+_FIX_MODE_LEFT_EVAL = (
+    "put the submodule back in train mode after evaluation: remove the `on_validation_model_train` override that "
+    "does nothing, or call `{name}.train()` at the end of evaluation"
+)
+_FIX_PARAM = (
+    "do not write parameters during evaluation (`p.data.clamp_()`, an EMA update, `optimizer.step()`): "
+    "move the write to `on_train_batch_end` or after `optimizer.step()`"
+)
+_FIX_BUFFER = (
+    "a submodule ran in train mode during evaluation and updated its buffers (BatchNorm running statistics): "
+    "keep it in eval mode (`{module}.eval()`), or restore the buffers after computing the loss"
+)
+_FIX_REQUIRES_GRAD = (
+    "do not freeze or unfreeze during evaluation; save and restore the flags: "
+    "`flags = {{n: p.requires_grad for n, p in model.named_parameters()}}` ... "
+    "`for n, p in model.named_parameters(): p.requires_grad_(flags[n])`"
+)
+_FIX_GRAD = (
+    "do not call `loss.backward()` during evaluation; for input gradients use "
+    "`torch.autograd.grad(output.sum(), inputs)`, which leaves `.grad` untouched"
+)
+_FIX_STRUCTURE = "do not add or remove submodules during evaluation; create them in `__init__` or `setup()`"
+
+
+def compare(
+    before: Snapshot,
+    after: Snapshot,
+    *,
+    phase: str,
+    boundary: str = "end",
+    allow_train_mode: Sequence[str] = (),
+    detail: str = "",
+) -> list[Finding]:
+    """Find what changed between two snapshots that evaluation must leave unchanged.
+
+    Reports (codes in ``docs/codes.md``): submodules added or removed (LV206), a submodule whose mode differs
+    (LV205), ``requires_grad`` flags (LV203), parameters (LV201), buffers (LV202) and ``.grad`` (LV204).
+    Changes are grouped: a backbone whose forty BatchNorm layers were all un-frozen is one finding.
+
+    Args:
+        before: snapshot taken before evaluation.
+        after: snapshot taken after evaluation.
+        phase: where this is reported (``"validation"``, ``"evaluating"``...).
+        boundary: the point within the phase.
+        allow_train_mode: glob patterns of submodules whose mode may differ (kept in train on purpose).
+        detail: extra context added to each finding (for example the hook that made the change).
+
+    Returns:
+        The findings, in the order above. Comparing content synchronizes once per device.
+    """
+    report = _Report(phase, boundary, detail)
+    add = report.add
+    added = [n for n in after.modes if n not in before.modes]
+    removed = [n for n in before.modes if n not in after.modes]
+    for name, count in _group(added, after.modes):
+        add("LV206", display_name(name), "the same submodules", "added " + after.describe(name), _FIX_STRUCTURE,
+            _covers(count, "submodules"))
+    for name, count in _group(removed, before.modes):
+        add("LV206", display_name(name), "the same submodules", "removed " + before.describe(name), _FIX_STRUCTURE,
+            _covers(count, "submodules"))
+
+    common = [n for n in before.modes if n in after.modes]
+    for was in (False, True):
+        flipped = [n for n in common if before.modes[n] == was and after.modes[n] != was
+                   and not matches_any(n, allow_train_mode)]
+        for name, count in _group(flipped, [n for n in common if before.modes[n] == was]):
+            mode, now = ("eval", "train") if not was else ("train", "eval")
+            fix = _FIX_MODE_RESTORE if not was else _FIX_MODE_LEFT_EVAL.format(name=display_name(name))
+            add("LV205", display_name(name), f"{mode} mode as before evaluation",
+                f"{after.describe(name)} in {now} mode", fix, _covers(count, "submodules"))
+
+    flags = [n for n in before.requires_grad if n in after.requires_grad
+             and before.requires_grad[n] != after.requires_grad[n]]
+    for name, count in _group(flags, before.requires_grad, root=False):
+        if count > 1 or name not in before.requires_grad:
+            seen = f"requires_grad changed on {count} parameters"
+        else:
+            seen = f"requires_grad={after.requires_grad[name]}"
+        expected = (f"requires_grad={before.requires_grad[name]}" if name in before.requires_grad
+                    else "requires_grad unchanged")
+        add("LV203", display_name(name), expected, seen, _FIX_REQUIRES_GRAD)
+
+    if before.has_content and after.has_content:
+        _compare_content(before, after, add)
+    return report.findings
+
+
+@dataclass
+class _Report:
+    phase: str
+    boundary: str
+    detail: str
+    findings: list[Finding] = field(default_factory=list)
+
+    def add(self, code: str, module: str, expected: str, seen: str, fix: str, more: str = "") -> None:
+        extra = "; ".join(x for x in (more, self.detail) if x)
+        self.findings.append(Finding(code, module, self.phase, self.boundary, expected, seen, fix, extra))
+
+
+def _compare_content(before: Snapshot, after: Snapshot, add: Callable[..., None]) -> None:
+    fb, fa = before.fingerprints(), after.fingerprints()
+    for kind, code in (("param", "LV201"), ("buffer", "LV202")):
+        keys = [n for k, n in fb if k == kind]
+        changed = [n for n in keys if (kind, n) in fa and not _same(fb[(kind, n)], fa[(kind, n)])]
+        for name, count in _group(changed, keys, root=False):
+            noun = "parameters" if kind == "param" else "buffers"
+            owner = name.rpartition(".")[0] if (kind, name) in fb else name
+            fix = _FIX_PARAM if kind == "param" else _FIX_BUFFER.format(module=display_name(owner))
+            seen = f"{count} {noun} changed" if count > 1 else _change(fb[(kind, name)], fa[(kind, name)])
+            add(code, display_name(name), "unchanged values", seen, fix)
+    if before.has_grad is not None and after.has_grad is not None:
+        names = [n for n in before.has_grad if n in after.has_grad]
+        changed = []
+        for n in names:
+            b, a = fb.get(("grad", n)), fa.get(("grad", n))
+            if before.has_grad[n] != after.has_grad[n] or (b is not None and a is not None and not _same(b, a)):
+                changed.append(n)
+        for name, count in _group(changed, names, root=False):
+            if count > 1 or name not in before.has_grad:
+                seen = f".grad changed on {count} parameters"
+            elif not before.has_grad[name]:
+                seen = ".grad set (was None)"
+            elif not after.has_grad[name]:
+                seen = ".grad cleared (was set)"
+            else:
+                seen = ".grad values changed"
+            add("LV204", display_name(name), ".grad unchanged", seen, _FIX_GRAD)
+
+
+def _change(b: tuple[float, float], a: tuple[float, float]) -> str:
+    return f"changed (sum {b[0]:.6g} -> {a[0]:.6g}, norm {b[1]:.6g} -> {a[1]:.6g})"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Checking a state (cheap enough for every batch)
+
+
+class ModeIndex:
+    """Submodules of a model, listed once, for cheap repeated mode checks.
+
+    Walking ``named_modules()`` costs about a millisecond per thousand modules; reading ``.training`` from a cached
+    list costs a few microseconds per hundred. Build the index at a phase boundary, query it per batch.
+
+    Args:
+        model: the model (wrappers are looked through).
+        allow_train_mode: glob patterns of submodules that may stay in train mode during evaluation.
+
+    Example:
+        >>> net = torch.nn.Sequential(torch.nn.Linear(1, 1), torch.nn.Dropout()).eval()
+        >>> index = ModeIndex(net)
+        >>> net[1].train(); index.in_train_mode()
+        Dropout(p=0.5, inplace=False)
+        ['1']
+    """
+
+    def __init__(self, model: nn.Module, allow_train_mode: Sequence[str] = ()) -> None:
+        self.model = unwrap(model)
+        pairs = [(_clean(n), m) for n, m in self.model.named_modules()]
+        self.names = [n for n, _ in pairs]
+        self.modules = [m for _, m in pairs]
+        self.types = {n: type(m).__name__ for n, m in pairs}
+        self._checked = [(n, m) for n, m in pairs if not matches_any(n, allow_train_mode)]
+        self.num_modules = len(pairs)
+
+    def in_train_mode(self) -> list[str]:
+        """Names of the submodules in train mode, allowlisted ones excluded."""
+        return [n for n, m in self._checked if m.training]
+
+    def any_in_train_mode(self) -> bool:
+        """Fast path: ``True`` when any checked submodule is in train mode."""
+        return any(m.training for _, m in self._checked)
+
+
+
+def check_eval_state(
+    model: nn.Module | ModeIndex,
+    *,
+    phase: str,
+    boundary: str,
+    allow_train_mode: Sequence[str] = (),
+    allow_grad: bool = False,
+) -> list[Finding]:
+    """Check that every submodule is in eval mode and grad is off (codes LV101, LV102).
+
+    Args:
+        model: the model, or a ``ModeIndex`` of it for repeated checks (its own allowlist applies).
+        phase: where this is checked.
+        boundary: the point within the phase.
+        allow_train_mode: glob patterns of submodules kept in train mode on purpose (MC dropout); ignored when a
+            ``ModeIndex`` is given.
+        allow_grad: do not report enabled grad.
+
+    Example:
+        >>> net = torch.nn.Sequential(torch.nn.Linear(1, 1))
+        >>> [f.code for f in check_eval_state(net, phase="validation", boundary="start")]
+        ['LV101', 'LV102']
+    """
+    index = model if isinstance(model, ModeIndex) else ModeIndex(model, allow_train_mode)
+    findings: list[Finding] = []
+    if index.any_in_train_mode():
+        for name, count in _group(index.in_train_mode(), index.names):
+            cls = index.types.get(name, "")
+            findings.append(Finding(
+                "LV101", display_name(name), phase, boundary, "eval mode",
+                f"{display_name(name)}{f' ({cls})' if cls else ''} in train mode"
+                + (" (its class overrides `train()`: check that it honors `mode`)"
+                   if _overrides_train(index, name) else ""),
+                f"call `model.eval()` before evaluating (Lightning does it unless `on_{phase}_model_eval` is "
+                f"overridden); if `{display_name(name)}` must stay in train mode on purpose, allow it: "
+                f"`allow_train_mode=[{display_name(name)!r}]`",
+                _covers(count, "submodules"),
+            ))
+    if torch.is_grad_enabled() and not allow_grad:
+        findings.append(Finding(
+            "LV102", "grad mode", phase, boundary, "grad disabled (`torch.no_grad()` or `torch.inference_mode()`)",
+            "grad enabled", "remove `torch.set_grad_enabled(True)` from evaluation code; for input gradients use a "
+            "local `with torch.enable_grad():` block inside the step",
+        ))
+    return findings
+
+
+def _overrides_train(index: ModeIndex, name: str) -> bool:
+    """Whether the submodule's class overrides ``train()``: the usual reason ``.eval()`` leaves it in train mode.
+
+    Only the class is inspected; calling the override from a check could have side effects on the user's model.
+    """
+    return type(index.modules[index.names.index(name)]).train is not nn.Module.train
+
+
+def check_train_state(
+    model: nn.Module | ModeIndex,
+    *,
+    boundary: str,
+    phase: str = "train",
+    allow_eval_mode: Sequence[str] = (),
+) -> list[Finding]:
+    """Check the state during training: grad enabled (LV301), no trainable submodule in eval mode (LV302).
+
+    A submodule in eval mode is reported when it or a descendant holds a parameter with ``requires_grad=True``:
+    a pretrained backbone loaded in eval mode trains with dropout off and BatchNorm frozen. A frozen backbone
+    (eval mode and ``requires_grad=False``) is not reported.
+
+    Args:
+        model: the model or a ``ModeIndex`` of it.
+        boundary: the point within training.
+        phase: reported phase name.
+        allow_eval_mode: glob patterns of submodules kept in eval mode on purpose.
+
+    Example:
+        >>> net = torch.nn.Sequential(torch.nn.Linear(1, 1)).eval()
+        >>> [f.code + " " + f.module for f in check_train_state(net, boundary="on_train_batch_start")]
+        ['LV302 <model>']
+    """
+    index = model if isinstance(model, ModeIndex) else ModeIndex(model)
+    findings: list[Finding] = []
+    if not torch.is_grad_enabled():
+        findings.append(Finding(
+            "LV301", "grad mode", phase, boundary, "grad enabled", "grad disabled",
+            "do not call `torch.set_grad_enabled(False)` outside a `with` block; wrap evaluation in "
+            "`torch.no_grad()` or `lightning_validate.evaluating(model)` so grad comes back",
+        ))
+    in_eval = [n for n, m in zip(index.names, index.modules) if not m.training]
+    if not in_eval:
+        return findings
+    trainable_under: set[str] = set()
+    for pname, p in index.model.named_parameters():
+        if p.requires_grad:
+            trainable_under.update(_ancestors(_clean(pname).rpartition(".")[0]))
+    suspects = [n for n in in_eval if n in trainable_under and not matches_any(n, allow_eval_mode)]
+    for name, count in _group(suspects, [n for n in index.names if n in trainable_under]):
+        cls = index.types.get(name, "")
+        findings.append(Finding(
+            "LV302", display_name(name), phase, boundary, "train mode (it has trainable parameters)",
+            f"{display_name(name)}{f' ({cls})' if cls else ''} in eval mode",
+            f"call `{'self' if not name else 'self.' + name}.train()` in `on_train_start` (a pretrained model "
+            "loaded in eval mode stays there: Lightning >= 2.2 no longer calls `.train()`), or freeze it "
+            "with `requires_grad_(False)` if it should not learn",
+            _covers(count, "submodules"),
+        ))
+    return findings

@@ -1,0 +1,115 @@
+"""``evaluating()``: eval mode and grad off for a block, and the model given back exactly as it came.
+
+The seed's loop calls ``model.eval()`` and, at the end, ``model.train()``. The second call un-freezes every submodule
+the user had put in eval on purpose (a frozen BatchNorm backbone), and neither runs when a batch raises.
+``evaluating()`` records each submodule's own ``training`` flag and assigns it back on exit, also on an exception.
+
+Example:
+    >>> import torch
+    >>> model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    >>> _ = model[1].eval()  # frozen on purpose
+    >>> with evaluating(model):
+    ...     _ = model(torch.randn(3, 2))
+    >>> model.training, model[1].training  # the frozen layer stays frozen
+    (True, False)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator, Sequence
+from typing import Literal
+
+import torch
+from torch import nn
+
+from lightning_validate.engine import check_eval_state, compare, take_snapshot, unwrap
+from lightning_validate.findings import Finding, ModeCheckError, ModeCheckWarning
+
+__all__ = ["evaluating"]
+
+Check = bool | Literal["warn", "raise"]
+
+
+def _check_arg(check: object) -> Literal["warn", "raise"] | None:
+    if check is False or check is None:
+        return None
+    if check is True or check == "warn":
+        return "warn"
+    if check == "raise":
+        return "raise"
+    raise ValueError(f"`evaluating(check={check!r})` is not valid. Expected False, True, 'warn' or 'raise'.")
+
+
+@contextlib.contextmanager
+def evaluating(
+    model: nn.Module,
+    *,
+    inference_mode: bool = False,
+    check: Check = False,
+    allow_train_mode: Sequence[str] = (),
+) -> Iterator[nn.Module]:
+    """Put every submodule in eval mode and turn grad off for the block; restore both on exit.
+
+    On exit, also when the block raises, each submodule gets back its own ``training`` flag (assigned, not set by
+    calling ``.train()``, so a ``train()`` override cannot un-freeze anything) and grad mode is what it was.
+    Nesting works: the inner block restores the outer block's state.
+
+    Args:
+        model: the module to evaluate (a ``torch.compile``d or DDP-wrapped module is fine).
+        inference_mode: use ``torch.inference_mode()`` instead of ``torch.no_grad()``. Faster, but tensors created
+            inside cannot be used for autograd later.
+        check: ``True`` or ``"warn"``: on a normal exit, warn (``ModeCheckWarning``) if the block changed
+            parameters, buffers (BatchNorm statistics), ``requires_grad`` flags or ``.grad``, or left a submodule in
+            train mode; ``"raise"``: raise ``ModeCheckError`` instead. The model is restored first either way.
+        allow_train_mode: with ``check``, glob patterns of submodules the block may put in train mode on purpose.
+
+    Yields:
+        The model, for ``with evaluating(model) as m:``.
+
+    Raises:
+        TypeError: if ``model`` is not a ``torch.nn.Module``.
+        ValueError: if ``check`` is not one of the accepted values.
+        ModeCheckError: with ``check="raise"``, when the block changed the model.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"`evaluating(model)` expected a torch.nn.Module but got {type(model).__name__}. "
+            "Pass the model itself: `with evaluating(model): ...`."
+        )
+    on_violation = _check_arg(check)
+    inner = unwrap(model)
+    modes = [(m, m.training) for m in inner.modules()]
+    before = take_snapshot(inner, grads=True) if on_violation else None
+    grad_ctx = torch.inference_mode() if inference_mode else torch.no_grad()
+    try:
+        with grad_ctx:
+            model.eval()
+            yield model
+            # Checked inside the block's own grad context, before anything is restored: this is what the block saw.
+            findings: list[Finding] = []
+            if on_violation:
+                findings = check_eval_state(inner, phase="evaluating", boundary="end",
+                                            allow_train_mode=allow_train_mode)
+                findings = [f for f in findings if f.code != "LV102"]  # grad is ours to manage here
+    finally:
+        for module, flag in modes:
+            module.training = flag
+    if before is not None:
+        findings += compare(before, take_snapshot(inner, grads=True), phase="evaluating", boundary="end",
+                            allow_train_mode=allow_train_mode)
+        _report(findings, on_violation)
+
+
+def _report(findings: list[Finding], on_violation: Literal["warn", "raise"] | None) -> None:
+    if not findings:
+        return
+    if on_violation == "raise":
+        raise ModeCheckError(
+            "evaluating() found that the block broke a rule of evaluation:\n"
+            + "\n".join(f"  {f.message}" for f in findings),
+            findings,
+        )
+    for f in findings:
+        warnings.warn(f.message, ModeCheckWarning, stacklevel=4)
