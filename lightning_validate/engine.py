@@ -17,6 +17,7 @@ Example:
     >>> for f in compare(before, take_snapshot(model), phase="evaluating"):
     ...     print(f.code, f.module, f.seen)
     LV202 1 3 buffers changed
+
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ def unwrap(model: nn.Module) -> nn.Module:
         >>> net = torch.nn.Linear(1, 1)
         >>> unwrap(torch.nn.DataParallel(net)) is net
         True
+
     """
     seen: set[int] = set()
     while id(model) not in seen:
@@ -73,9 +75,48 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def _clean(name: str) -> str:
-    if not any(seg in name for seg in _WRAPPER_SEGMENTS):
+    if "_orig_mod" not in name and "_wrapped_module" not in name:  # the common case, checked cheaply
         return name
     return ".".join(part for part in name.split(".") if part not in _WRAPPER_SEGMENTS)
+
+
+def _named_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Map each cleaned qualified name to its submodule.
+
+    A compiled submodule appears twice (wrapper, then the module it wraps) under one cleaned name: the wrapped
+    module, listed second, wins.
+    """
+    return {_clean(n): m for n, m in model.named_modules()}
+
+
+def _walk(model: nn.Module) -> tuple[dict[str, nn.Module], list[tuple[str, Tensor]], list[tuple[str, Tensor]]]:
+    """Submodules, parameters and buffers in one walk (three ``named_*`` walks cost three times as much).
+
+    Shared parameters and buffers are listed once, under their first name, as ``named_parameters()`` does.
+    """
+    modules = _named_modules(model)
+    params: list[tuple[str, Tensor]] = []
+    buffers: list[tuple[str, Tensor]] = []
+    seen: set[int] = set()
+    for name, module in modules.items():
+        prefix = name + "." if name else ""
+        for out, members in ((params, module._parameters), (buffers, module._buffers)):
+            for key, t in members.items():
+                if t is not None and id(t) not in seen:
+                    seen.add(id(t))
+                    out.append((prefix + key, t))
+    return modules, params, buffers
+
+
+def _patterns(argument: str, patterns: Sequence[str]) -> Sequence[str]:
+    """Validate a list of glob patterns: a bare string would silently be read as one pattern per character."""
+    if isinstance(patterns, str) or not all(isinstance(p, str) for p in patterns):
+        raise TypeError(
+            f"Expected argument `{argument}` to be a list of glob patterns but got {patterns!r}: "
+            f"`{argument}=[{patterns!r}]`" if isinstance(patterns, str) else
+            f"Expected argument `{argument}` to be a list of glob patterns (str) but got {list(patterns)!r}."
+        )
+    return tuple(patterns)
 
 
 def display_name(name: str) -> str:
@@ -92,6 +133,7 @@ def matches_any(name: str, patterns: Sequence[str]) -> bool:
     Example:
         >>> matches_any("head.drop.inner", ["head.drop"]), matches_any("head.fc", ["*.drop*"])
         (True, False)
+
     """
     if not patterns:
         return False
@@ -101,7 +143,7 @@ def matches_any(name: str, patterns: Sequence[str]) -> bool:
 
 
 def _ancestors(name: str) -> list[str]:
-    """The root, then each prefix of ``name``, then ``name`` itself (top-down)."""
+    """List the root, then each prefix of ``name``, then ``name`` itself (top-down)."""
     if not name:
         return [""]
     parts = name.split(".")
@@ -147,30 +189,63 @@ def _covers(count: int, noun: str) -> str:
 # Fingerprints
 
 
+#: Upper bound on the elements copied into one stacked block on the CPU (32 MiB of float32): bounds the extra memory.
+_STACK_ELEMENTS = 1 << 23
+
+
 def _fingerprint_rows(tensors: list[Tensor]) -> Tensor:
-    """Per tensor ``[sum, L2 norm]`` in float64, on the tensors' device, without a host synchronization.
+    """Per tensor ``[sum, L2 norm]`` in float64, on the tensors' (common) device, without a host synchronization.
 
     The sum is sensitive to sign flips, the norm to changes that keep the sum; float64 accumulation makes both
-    see a change of one element by one part in a million. The norms are fused (``_foreach_norm``): one kernel for
-    many tensors on a GPU.
+    see a change of one element by one part in a million. Non-float tensors get a sum only (norm 0).
     """
     if not tensors:
         return torch.zeros(0, 2, dtype=torch.float64)
     device = tensors[0].device
     with torch.no_grad():
-        flat = [t.reshape(-1) for t in tensors]
-        floats = [i for i, t in enumerate(flat) if t.is_floating_point()]
-        rows = torch.zeros(len(flat), 2, dtype=torch.float64, device=device)
-        sums = []
-        for t in flat:
-            if t.is_complex():
-                t = torch.view_as_real(t).reshape(-1)
-            sums.append(t.sum(dtype=torch.float64))
-        rows[:, 0] = torch.stack(sums)
-        if floats:
-            norms = torch._foreach_norm([flat[i] for i in floats], 2, dtype=torch.float64)
-            rows[floats, 1] = torch.stack(list(norms))
+        # No per-tensor reshape: on a Parameter it costs more than the reduction of a small tensor.
+        flat = [torch.view_as_real(t) if t.is_complex() else t for t in tensors]
+        if device.type == "cpu":
+            return _stacked_rows(flat)
+        # On an accelerator one reduction per tensor is launched asynchronously; the norms are fused
+        # (`_foreach_norm`: one kernel for many tensors). Nothing here copies to or from the host.
+        sums = torch.stack([t.sum(dtype=torch.float64) for t in flat])
+        floats = [t for t in flat if t.is_floating_point()]
+        norms = iter(torch._foreach_norm(floats, 2, dtype=torch.float64) if floats else ())
+        zero = sums.new_zeros(())
+        return torch.stack([sums, torch.stack([next(norms) if t.is_floating_point() else zero for t in flat])], 1)
+
+
+def _stacked_rows(flat: list[Tensor]) -> Tensor:
+    """CPU path: stack tensors of equal dtype and size, reduce each stack along its rows.
+
+    A thousand-module model has a few thousand small tensors but few distinct shapes: one reduction per shape
+    instead of one per tensor is ten times faster. Row reductions over a contiguous stack give bitwise the
+    per-tensor result (tested), so a snapshot does not depend on which other tensors shared a stack.
+    """
+    groups: dict[tuple[torch.dtype, tuple[int, ...]], list[int]] = {}
+    for i, t in enumerate(flat):
+        groups.setdefault((t.dtype, tuple(t.shape)), []).append(i)
+    order: list[int] = []
+    parts: list[Tensor] = []
+    for (dtype, shape), idx in groups.items():
+        per_block = max(1, _STACK_ELEMENTS // max(math.prod(shape), 1))
+        for start in range(0, len(idx), per_block):
+            block = idx[start:start + per_block]
+            stacked = torch.stack([flat[i] for i in block]).reshape(len(block), -1)
+            sums = stacked.sum(1, dtype=torch.float64)
+            if dtype.is_floating_point:
+                norms = torch.linalg.vector_norm(stacked, 2, dim=1, dtype=torch.float64)
+            else:
+                norms = torch.zeros_like(sums)
+            parts.append(torch.stack([sums, norms], 1))
+            order += block
+    rows = torch.empty(len(flat), 2, dtype=torch.float64)
+    rows[torch.tensor(order)] = torch.cat(parts)
     return rows
+
+
+_HostValues = dict[tuple[str, str], tuple[float, float]]
 
 
 @dataclass
@@ -197,17 +272,32 @@ class _Fingerprint:
     def values(self) -> dict[tuple[str, str], tuple[float, float]]:
         """Host copy of every fingerprint: one device-to-host copy (one synchronization) per device, once."""
         if self._host is None:
-            host: dict[tuple[str, str], tuple[float, float]] = {}
-            for idx, rows in self._device_rows:
-                for i, (s, n) in zip(idx, rows.cpu().tolist()):
-                    host[self.keys[i]] = (s, n)
-            self._host = host
-            self._device_rows = []
-        return self._host
+            _to_host([self])
+        return self._host or {}
+
+
+def _to_host(fingerprints: Sequence[_Fingerprint]) -> None:
+    """Copy the fingerprints of several snapshots to the host together: one copy per device for all of them."""
+    by_device: dict[torch.device, list[tuple[_HostValues, list[tuple[str, str]], Tensor]]] = {}
+    for fp in fingerprints:
+        if fp._host is not None:
+            continue
+        host: _HostValues = {}
+        for idx, rows in fp._device_rows:
+            by_device.setdefault(rows.device, []).append((host, [fp.keys[i] for i in idx], rows))
+        fp._host, fp._device_rows = host, []
+    for parts in by_device.values():
+        values = iter(torch.cat([rows for _, _, rows in parts]).cpu().tolist())
+        for host, keys, _ in parts:
+            for key in keys:
+                s, n = next(values)
+                host[key] = (s, n)
 
 
 def _fingerprintable(t: Tensor) -> bool:
-    if isinstance(t, nn.parameter.UninitializedTensorMixin) or t.is_meta:
+    # Lazy modules' uninitialized tensors and meta tensors have no values; sparse and quantized ones are rare
+    # enough in models that skipping them beats special-casing their reductions.
+    if nn.parameter.is_lazy(t) or t.is_meta or t.layout != torch.strided or t.is_quantized:
         return False
     # Sharded tensors (DTensor) would need a collective to read; their local shard is what this rank can change.
     to_local = getattr(t, "to_local", None)
@@ -216,7 +306,7 @@ def _fingerprintable(t: Tensor) -> bool:
 
 def _same(a: tuple[float, float], b: tuple[float, float]) -> bool:
     # NaN weights compare equal to themselves: "still NaN" is not a change made by evaluation.
-    return all(x == y or (math.isnan(x) and math.isnan(y)) for x, y in zip(a, b))
+    return all(x == y or (math.isnan(x) and math.isnan(y)) for x, y in zip(a, b, strict=True))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -234,6 +324,7 @@ class Snapshot:
         inference_mode: ``torch.is_inference_mode_enabled()`` when taken.
         requires_grad: parameter name -> ``requires_grad``.
         has_grad: parameter name -> whether ``.grad`` was set (``None`` when grads were not recorded).
+
     """
 
     modes: dict[str, bool]
@@ -277,23 +368,22 @@ def take_snapshot(model: nn.Module, *, content: bool = True, grads: bool = True)
         >>> s = take_snapshot(torch.nn.Sequential(torch.nn.Linear(1, 1)).eval())
         >>> s.modes, s.requires_grad
         ({'': False, '0': False}, {'0.weight': True, '0.bias': True})
+
     """
     if not isinstance(model, nn.Module):
-        raise TypeError(f"Expected `model` to be a torch.nn.Module but got {type(model).__name__}.")
-    model = unwrap(model)
-    modes: dict[str, bool] = {}
-    types: dict[str, str] = {}
-    for name, module in model.named_modules():
-        name = _clean(name)
-        modes[name] = bool(module.training)
-        types[name] = type(module).__name__
-    params = [(_clean(n), p) for n, p in model.named_parameters()]
+        raise TypeError(
+            f"Expected argument `model` to be a torch.nn.Module but got {type(model).__name__}: "
+            "`take_snapshot(model)` with the model itself."
+        )
+    modules, params, buffers = _walk(unwrap(model))
+    modes = {n: bool(m.training) for n, m in modules.items()}
+    types = {n: type(m).__name__ for n, m in modules.items()}
     requires_grad = {n: bool(p.requires_grad) for n, p in params}
     has_grad = {n: p.grad is not None for n, p in params} if grads else None
     fp = None
     if content:
         named: list[tuple[str, str, Tensor]] = [("param", n, p) for n, p in params]
-        named += [("buffer", _clean(n), b) for n, b in model.named_buffers()]
+        named += [("buffer", n, b) for n, b in buffers]
         if grads:
             named += [("grad", n, p.grad) for n, p in params if p.grad is not None]
         fp = _Fingerprint.of(named)
@@ -365,7 +455,9 @@ def compare(
 
     Returns:
         The findings, in the order above. Comparing content synchronizes once per device.
+
     """
+    allow_train_mode = _patterns("allow_train_mode", allow_train_mode)
     report = _Report(phase, boundary, detail)
     add = report.add
     added = [n for n in after.modes if n not in before.modes]
@@ -416,6 +508,8 @@ class _Report:
 
 
 def _compare_content(before: Snapshot, after: Snapshot, add: Callable[..., None]) -> None:
+    if before._fingerprint is not None and after._fingerprint is not None:
+        _to_host([before._fingerprint, after._fingerprint])  # one synchronization per device for both
     fb, fa = before.fingerprints(), after.fingerprints()
     for kind, code in (("param", "LV201"), ("buffer", "LV202")):
         keys = [n for k, n in fb if k == kind]
@@ -469,16 +563,34 @@ class ModeIndex:
         >>> net[1].train(); index.in_train_mode()
         Dropout(p=0.5, inplace=False)
         ['1']
+
     """
 
     def __init__(self, model: nn.Module, allow_train_mode: Sequence[str] = ()) -> None:
+        allow_train_mode = _patterns("allow_train_mode", allow_train_mode)
         self.model = unwrap(model)
-        pairs = [(_clean(n), m) for n, m in self.model.named_modules()]
-        self.names = [n for n, _ in pairs]
-        self.modules = [m for _, m in pairs]
-        self.types = {n: type(m).__name__ for n, m in pairs}
-        self._checked = [(n, m) for n, m in pairs if not matches_any(n, allow_train_mode)]
-        self.num_modules = len(pairs)
+        by_name = _named_modules(self.model)
+        self.names = list(by_name)
+        self.modules = list(by_name.values())
+        self.types = {n: type(m).__name__ for n, m in by_name.items()}
+        self._by_name = by_name
+        self._checked = [(n, m) for n, m in by_name.items() if not matches_any(n, allow_train_mode)]
+        self._param_owners: list[tuple[Tensor, list[str]]] | None = None
+        self.num_modules = len(by_name)
+
+    def trainable_modules(self) -> set[str]:
+        """Name the submodules that hold, themselves or through a descendant, a trainable parameter.
+
+        The ``requires_grad`` flags are read now: they may have changed since the index was built.
+        """
+        if self._param_owners is None:
+            _, params, _ = _walk(self.model)
+            self._param_owners = [(p, _ancestors(n.rpartition(".")[0])) for n, p in params]
+        out: set[str] = set()
+        for p, owners in self._param_owners:
+            if p.requires_grad:
+                out.update(owners)
+        return out
 
     def in_train_mode(self) -> list[str]:
         """Names of the submodules in train mode, allowlisted ones excluded."""
@@ -512,6 +624,7 @@ def check_eval_state(
         >>> net = torch.nn.Sequential(torch.nn.Linear(1, 1))
         >>> [f.code for f in check_eval_state(net, phase="validation", boundary="start")]
         ['LV101', 'LV102']
+
     """
     index = model if isinstance(model, ModeIndex) else ModeIndex(model, allow_train_mode)
     findings: list[Finding] = []
@@ -542,7 +655,8 @@ def _overrides_train(index: ModeIndex, name: str) -> bool:
 
     Only the class is inspected; calling the override from a check could have side effects on the user's model.
     """
-    return type(index.modules[index.names.index(name)]).train is not nn.Module.train
+    module = index._by_name.get(name)
+    return module is not None and type(module).train is not nn.Module.train
 
 
 def check_train_state(
@@ -568,6 +682,7 @@ def check_train_state(
         >>> net = torch.nn.Sequential(torch.nn.Linear(1, 1)).eval()
         >>> [f.code + " " + f.module for f in check_train_state(net, boundary="on_train_batch_start")]
         ['LV302 <model>']
+
     """
     index = model if isinstance(model, ModeIndex) else ModeIndex(model)
     findings: list[Finding] = []
@@ -577,13 +692,11 @@ def check_train_state(
             "do not call `torch.set_grad_enabled(False)` outside a `with` block; wrap evaluation in "
             "`torch.no_grad()` or `lightning_validate.evaluating(model)` so grad comes back",
         ))
-    in_eval = [n for n, m in zip(index.names, index.modules) if not m.training]
+    allow_eval_mode = _patterns("allow_eval_mode", allow_eval_mode)
+    in_eval = [n for n, m in zip(index.names, index.modules, strict=True) if not m.training]
     if not in_eval:
         return findings
-    trainable_under: set[str] = set()
-    for pname, p in index.model.named_parameters():
-        if p.requires_grad:
-            trainable_under.update(_ancestors(_clean(pname).rpartition(".")[0]))
+    trainable_under = index.trainable_modules()
     suspects = [n for n in in_eval if n in trainable_under and not matches_any(n, allow_eval_mode)]
     for name, count in _group(suspects, [n for n in index.names if n in trainable_under]):
         cls = index.types.get(name, "")

@@ -12,6 +12,7 @@ Example:
     ...     _ = model(torch.randn(3, 2))
     >>> model.training, model[1].training  # the frozen layer stays frozen
     (True, False)
+
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from lightning_validate.engine import check_eval_state, compare, take_snapshot, unwrap
+from lightning_validate.engine import ModeIndex, _patterns, check_eval_state, compare, take_snapshot, unwrap
 from lightning_validate.findings import Finding, ModeCheckError, ModeCheckWarning
 
 __all__ = ["evaluating"]
@@ -54,7 +55,8 @@ def evaluating(
 
     On exit, also when the block raises, each submodule gets back its own ``training`` flag (assigned, not set by
     calling ``.train()``, so a ``train()`` override cannot un-freeze anything) and grad mode is what it was.
-    Nesting works: the inner block restores the outer block's state.
+    Nesting works: the inner block restores the outer block's state. A submodule whose ``train(mode)`` override
+    ignores ``mode`` is put in eval mode directly (and reported as LV101 with ``check``).
 
     Args:
         model: the module to evaluate (a ``torch.compile``d or DDP-wrapped module is fine).
@@ -70,29 +72,36 @@ def evaluating(
 
     Raises:
         TypeError: if ``model`` is not a ``torch.nn.Module``.
+        TypeError: if ``inference_mode`` is not a bool or ``allow_train_mode`` is not a list of patterns.
         ValueError: if ``check`` is not one of the accepted values.
         ModeCheckError: with ``check="raise"``, when the block changed the model.
+
     """
     if not isinstance(model, nn.Module):
         raise TypeError(
             f"`evaluating(model)` expected a torch.nn.Module but got {type(model).__name__}. "
             "Pass the model itself: `with evaluating(model): ...`."
         )
+    if not isinstance(inference_mode, bool):
+        raise TypeError(f"`evaluating(inference_mode={inference_mode!r})` is not valid. Expected True or False.")
     on_violation = _check_arg(check)
+    allow_train_mode = _patterns("allow_train_mode", allow_train_mode)
     inner = unwrap(model)
-    modes = [(m, m.training) for m in inner.modules()]
+    # The wrappers' own flags too (DDP, OptimizedModule): `model.eval()` below sets them.
+    modes = [(m, m.training) for m in model.modules()]
     before = take_snapshot(inner, grads=True) if on_violation else None
     grad_ctx = torch.inference_mode() if inference_mode else torch.no_grad()
+    findings: list[Finding] = []
     try:
         with grad_ctx:
             model.eval()
+            findings += _force_eval(inner, allow_train_mode, report=on_violation is not None)
             yield model
             # Checked inside the block's own grad context, before anything is restored: this is what the block saw.
-            findings: list[Finding] = []
             if on_violation:
-                findings = check_eval_state(inner, phase="evaluating", boundary="end",
-                                            allow_train_mode=allow_train_mode)
-                findings = [f for f in findings if f.code != "LV102"]  # grad is ours to manage here
+                findings += [f for f in check_eval_state(inner, phase="evaluating", boundary="end",
+                                                         allow_train_mode=allow_train_mode)
+                             if f.code != "LV102"]  # grad is ours to manage here
     finally:
         for module, flag in modes:
             module.training = flag
@@ -102,6 +111,19 @@ def evaluating(
         _report(findings, on_violation)
 
 
+def _force_eval(model: nn.Module, allow_train_mode: Sequence[str], *, report: bool) -> list[Finding]:
+    """Put in eval mode the submodules whose ``train(mode)`` override ignored ``mode`` in ``model.eval()``.
+
+    Allowlisted submodules (MC dropout kept in train on purpose) are left as they are. With ``report``, the
+    override is reported (LV101 at the start) so that its owner can fix it; evaluation is correct either way.
+    """
+    if not any(m.training for m in model.modules()):
+        return []
+    index = ModeIndex(model, allow_train_mode)
+    findings = check_eval_state(index, phase="evaluating", boundary="start", allow_grad=True) if report else []
+    for _, module in index._checked:
+        module.training = False
+    return findings
 def _report(findings: list[Finding], on_violation: Literal["warn", "raise"] | None) -> None:
     if not findings:
         return

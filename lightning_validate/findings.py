@@ -9,6 +9,7 @@ Example:
     >>> print(f.message)
     LV101 submodule in train mode during evaluation: `backbone.bn1` at validation/on_validation_batch_start: \
 expected eval mode, saw train mode. Fix: model.backbone.bn1.eval()
+
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ class ModeCheckError(RuntimeError):
 
     Attributes:
         findings: the findings that caused the error, first one first.
+
     """
 
     def __init__(self, message: str, findings: list[Finding] | None = None) -> None:
@@ -70,6 +72,7 @@ class Finding:
         seen: what was seen.
         fix: the fix, written as code where possible.
         detail: optional extra context (for example the hook that made a change).
+
     """
 
     code: str
