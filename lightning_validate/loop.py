@@ -1,0 +1,457 @@
+"""``validate()``: the seed's validation loop for plain PyTorch, done right.
+
+The seed's ``valid()`` averages batch means (wrong whenever the last batch is smaller), advances its bar by
+``dataloader.batch_size`` (overshooting on the last batch), calls ``.item()`` twice per batch (two host-device
+synchronizations per batch on a GPU), calls ``model.train()`` at the end (un-freezing every submodule that was in
+eval on purpose) and leaves the model in eval mode when a batch raises. ``validate()`` keeps its shape (a tqdm bar
+"Valid" with running values) and fixes all five:
+
+- the loss is the exact per-sample mean: ``sum(loss * batch_size) / number of samples``, summed on the device;
+- metrics are torchmetrics objects, which accumulate exact epoch statistics;
+- the bar counts samples, advances by each batch's real size and reads running values at most four times per
+  second, so nothing synchronizes with the device per batch;
+- the model runs under ``evaluating()``: every submodule gets back its own mode, and grad mode comes back, also
+  when a batch raises.
+
+Example:
+    >>> import torch
+    >>> from torchmetrics.classification import MulticlassAccuracy
+    >>> _ = torch.manual_seed(0)
+    >>> x, y = torch.randn(10, 4), torch.randint(0, 3, (10,))
+    >>> loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4)
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Dropout())
+    >>> result = validate(model, loader, criterion=torch.nn.CrossEntropyLoss(),
+    ...                   metrics={"accuracy": MulticlassAccuracy(num_classes=3)}, progress=False)
+    >>> sorted(result), model.training  # plain floats; the model is back in train mode
+    (['accuracy', 'loss'], True)
+
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torchmetrics import Metric, MetricCollection
+from tqdm.auto import tqdm  # type: ignore[import-untyped]
+
+from lightning_validate.evaluating import evaluating
+from lightning_validate.progress import DEFAULT_INTERVAL, Throttle, format_postfix
+
+__all__ = ["validate"]
+
+#: ``step(batch, model) -> (outputs, target)``.
+Step = Callable[[Any, nn.Module], Sequence[Any]]
+
+#: Seconds between two reads of the running values for the bar (each read is one host-device synchronization).
+_REFRESH_INTERVAL = DEFAULT_INTERVAL
+
+#: torchmetrics bookkeeping restored, with the states, when ``validate()`` raises.
+_METRIC_META = ("_update_count", "_computed", "_forward_cache", "_cache", "_is_synced")
+
+
+def validate(
+    model: nn.Module,
+    dataloader: Iterable[Any],
+    *,
+    criterion: Callable[[Any, Any], Tensor] | None = None,
+    metrics: Mapping[str, Metric] | MetricCollection | None = None,
+    step: Step | None = None,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+    desc: str = "Valid",
+) -> dict[str, float]:
+    """Evaluate ``model`` on every batch of ``dataloader``; return the loss and metrics as plain floats.
+
+    Batches of the form ``(inputs, target)`` (a tuple or list of two) work as they are: ``outputs = model(inputs)``.
+    Any other batch (a dict, extra fields, several inputs) goes through ``step(batch, model) -> (outputs, target)``;
+    ``validate()`` then computes the loss with ``criterion(outputs, target)`` and updates every metric with
+    ``metric.update(outputs, target)``, so a step only says how a batch feeds the model, never how to average::
+
+        validate(model, loader, criterion=nn.CrossEntropyLoss(),
+                 step=lambda batch, model: (model(batch["image"]), batch["label"]))
+
+    The model runs under :func:`~lightning_validate.evaluating`: every submodule in eval mode, and afterwards, also
+    when a batch raises, each submodule gets back its own mode (a frozen BatchNorm stays frozen) and grad mode is
+    what it was. Without ``step`` the loop runs under ``torch.inference_mode()`` (fastest); with a ``step`` it runs
+    under ``torch.no_grad()``, so that the step may open ``with torch.enable_grad():`` for input gradients.
+
+    Batches (tensors inside tuples, lists and dicts) are moved to ``device`` with ``non_blocking=True``; the model
+    is not moved: it must already be there. The metrics are: they are modules, moved with ``.to(device)`` and left
+    there, as ``model.to()`` would.
+
+    The loss is the exact per-sample mean over the whole dataloader: each batch's loss is weighted by its batch
+    size (the first dimension of ``target``), so a short last batch counts for what it holds. This is exact for a
+    criterion that averages over the samples of a batch (``reduction="mean"``; not with class ``weight=`` or
+    ``ignore_index``, whose means are not per sample). Loss sums stay on the device until the end.
+
+    The metrics are reset when ``validate()`` starts (a metric that was updated before, during training, would
+    otherwise mix in training data) and are left holding this run's states, so ``metric.compute()`` afterwards
+    gives the returned value again and per-class or plotted results can be read from them. If ``validate()`` raises,
+    the metrics get back the states they had before the call.
+
+    Nothing is read back from the device per batch: the bar's running values (loss and metrics, computed with
+    ``metric.compute()``) are read at most four times per second, and the results once at the end. When
+    ``torch.distributed`` is initialized the bar shows the loss only (``compute()`` would start a collective that
+    other processes do not join at the same moment); the returned metrics are synchronized by torchmetrics, the loss
+    is this process's.
+
+    Args:
+        model: the model (a ``torch.compile``d or DDP-wrapped module is fine).
+        dataloader: any iterable of batches, usually a ``torch.utils.data.DataLoader``.
+        criterion: ``criterion(outputs, target)`` returning a scalar tensor, e.g. ``nn.CrossEntropyLoss()``.
+            Its result is returned as ``"loss"``.
+        metrics: a dict of torchmetrics ``Metric`` objects or a ``MetricCollection``; results keep their names.
+        step: ``step(batch, model) -> (outputs, target)`` for batches that are not ``(inputs, target)``. It gets
+            the batch already on ``device``.
+        device: where batches go; default: the device of the model's first parameter or buffer (CPU if none).
+        progress: show a tqdm bar counting samples, with the running values in its postfix.
+        desc: the bar's label.
+
+    Returns:
+        ``{"loss": ..., <metric name>: ...}`` as Python floats: ``"loss"`` when a criterion is given, one entry per
+        metric (a metric that computes a dict, such as ``ClasswiseWrapper``, adds one entry per key).
+
+    Raises:
+        TypeError: if ``metrics`` are not torchmetrics objects, a batch cannot be unpacked as ``(inputs, target)``,
+            ``step`` does not return ``(outputs, target)``, the criterion does not return a tensor, or a metric
+            computes something other than a scalar.
+        ValueError: if neither ``criterion`` nor ``metrics`` is given, a metric is named ``"loss"`` next to a
+            criterion, the dataloader yields no batch, or the criterion returns a non-scalar.
+
+    """
+    collection, metric_list = _check_metrics(metrics, with_criterion=criterion is not None)
+    if criterion is None and collection is None and not metric_list:
+        raise ValueError(
+            "validate() has nothing to compute: expected `criterion` or `metrics` but got neither. Pass one, e.g. "
+            "`validate(model, loader, criterion=nn.CrossEntropyLoss(), "
+            "metrics={'accuracy': MulticlassAccuracy(num_classes=10)})`."
+        )
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"Expected argument `model` to be a torch.nn.Module but got {type(model).__name__}.")
+    if step is not None and not callable(step):
+        raise TypeError(
+            f"Expected argument `step` to be a callable `step(batch, model) -> (outputs, target)` but got "
+            f"{type(step).__name__}."
+        )
+    if _known_len(dataloader) == 0:
+        raise ValueError(_EMPTY)
+    target_device = torch.device(device) if device is not None else _model_device(model)
+
+    # Bad arguments were rejected above, before anything was touched; from here on an error restores the metrics.
+    roots: list[Metric | MetricCollection] = [collection] if collection is not None else [m for _, m in metric_list]
+    for root in roots:
+        root.to(target_device)
+    saved = _save_states(roots)
+    for root in roots:
+        root.reset()
+    named: list[tuple[str | None, Any]] = (
+        [(None, collection)] if collection is not None else list(metric_list)
+    )
+    bar = tqdm(total=_num_samples(dataloader), desc=desc, unit=" samples") if progress else None
+    try:
+        with evaluating(model, inference_mode=step is None):
+            loss_sum, seen = _run(model, dataloader, criterion, named, step, target_device, bar)
+            values = _values(loss_sum, seen, named)
+        if bar is not None:
+            bar.set_postfix(format_postfix(values), refresh=False)
+        return values
+    except BaseException:
+        _restore_states(saved)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+_EMPTY = (
+    "validate() got no batches: expected a dataloader that yields at least one batch but it yielded none. Check "
+    "that the dataset is not empty and, with `drop_last=True`, that it holds at least `batch_size` samples."
+)
+
+
+def _run(
+    model: nn.Module,
+    dataloader: Iterable[Any],
+    criterion: Callable[[Any, Any], Tensor] | None,
+    named: list[tuple[str | None, Any]],
+    step: Step | None,
+    device: torch.device,
+    bar: Any,
+) -> tuple[Tensor | None, int]:
+    """Run the batch loop: on-device sums only; the host learns batch sizes from shapes, never from values."""
+    throttle = Throttle(_REFRESH_INTERVAL)
+    show_metrics = not (torch.distributed.is_available() and torch.distributed.is_initialized())
+    loss_sum: Tensor | None = None
+    seen = 0
+    for batch in dataloader:
+        batch = _to_device(batch, device)
+        if step is None:
+            inputs, target = _unpack(batch)
+            outputs = model(inputs)
+        else:
+            outputs, target = _check_step_result(step(batch, model))
+        n = _batch_size(target, outputs)
+        if criterion is not None:
+            loss = criterion(outputs, target)
+            if not isinstance(loss, Tensor) or loss.ndim != 0:
+                raise _criterion_error(loss)
+            if loss_sum is None:
+                loss_sum = torch.zeros((), dtype=_sum_dtype(loss.device), device=loss.device)
+            loss_sum.add_(loss.detach(), alpha=n)
+        for _, metric in named:
+            metric.update(outputs, target)
+        seen += n
+        if bar is not None:
+            if throttle.due():
+                running = _values(loss_sum, seen, named if show_metrics else [])
+                bar.set_postfix(format_postfix(running), refresh=False)
+            bar.update(n)
+    if seen == 0:
+        raise ValueError(_EMPTY)
+    return loss_sum, seen
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Arguments
+
+
+def _check_metrics(
+    metrics: object, *, with_criterion: bool
+) -> tuple[MetricCollection | None, list[tuple[str, Metric]]]:
+    """Split ``metrics`` into a collection or a list of metrics, rejecting anything else before touching it."""
+    if metrics is None:
+        return None, []
+    if isinstance(metrics, MetricCollection):
+        return metrics, []
+    fix = "`metrics={'accuracy': MulticlassAccuracy(num_classes=10)}` or a `MetricCollection`"
+    if isinstance(metrics, Metric):
+        raise TypeError(
+            f"Expected argument `metrics` to be a dict of torchmetrics metrics or a MetricCollection but got a single "
+            f"{type(metrics).__name__}. Name it: `metrics={{'{type(metrics).__name__.lower()}': metric}}`."
+        )
+    if not isinstance(metrics, Mapping):
+        raise TypeError(
+            f"Expected argument `metrics` to be a dict of torchmetrics metrics or a MetricCollection but got "
+            f"{type(metrics).__name__}. Pass e.g. {fix}."
+        )
+    for name, metric in metrics.items():
+        if not isinstance(name, str):
+            raise TypeError(f"Expected the keys of `metrics` to be str but got {name!r}. Pass e.g. {fix}.")
+        if not isinstance(metric, Metric):
+            hint = (" (a function such as torchmetrics.functional.accuracy keeps no state across batches: use the "
+                    "class, e.g. `MulticlassAccuracy(num_classes=10)`)" if callable(metric) else "")
+            raise TypeError(
+                f"Expected `metrics[{name!r}]` to be a torchmetrics Metric but got {type(metric).__name__}{hint}. "
+                f"Pass e.g. {fix}."
+            )
+        if name == "loss" and with_criterion:
+            raise ValueError(
+                "Expected metric names other than 'loss' when a `criterion` is given ('loss' is the criterion's "
+                "result) but got `metrics['loss']`. Rename it, e.g. `metrics={'my_loss': ...}`."
+            )
+    return None, list(metrics.items())
+
+
+def _known_len(obj: object) -> int | None:
+    try:
+        return len(obj)  # type: ignore[arg-type]
+    except TypeError:  # no __len__, or an IterableDataset loader
+        return None
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for param in model.parameters():
+        return param.device
+    for buffer in model.buffers():
+        return buffer.device
+    return torch.device("cpu")
+
+
+def _num_samples(dataloader: object) -> int | None:
+    """Count the samples a ``DataLoader`` will yield, when it tells without iterating; else ``None``."""
+    if not isinstance(dataloader, torch.utils.data.DataLoader) or dataloader.batch_size is None:
+        return None  # a plain iterable, or a custom batch_sampler whose batch sizes are unknown
+    if isinstance(dataloader.dataset, torch.utils.data.IterableDataset):
+        return None
+    try:
+        if dataloader.drop_last:
+            return len(dataloader) * dataloader.batch_size
+        return len(dataloader.sampler)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Batches
+
+
+def _to_device(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, Tensor):
+        return obj if obj.device == device else obj.to(device, non_blocking=True)
+    if isinstance(obj, (list, tuple)):
+        moved = [_to_device(x, device) for x in obj]
+        if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # a namedtuple
+            return type(obj)(*moved)
+        return type(obj)(moved) if type(obj) in (list, tuple) else moved
+    if isinstance(obj, Mapping):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
+def _unpack(batch: Any) -> tuple[Any, Any]:
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return batch[0], batch[1]
+    if isinstance(batch, Mapping) and len(batch) >= 2:
+        keys = list(batch)
+        example = f"(model(batch[{keys[0]!r}]), batch[{keys[1]!r}])"
+    elif isinstance(batch, (tuple, list)) and len(batch) > 2:
+        example = "(model(batch[0]), batch[1])"
+    else:
+        example = "(model(<inputs from batch>), <target from batch>)"
+    raise TypeError(
+        f"validate() expected each batch to be `(inputs, target)` (a tuple or list of 2) but got {_describe(batch)}. "
+        f"Say how a batch feeds the model with `step`: "
+        f"`validate(model, loader, ..., step=lambda batch, model: {example})`."
+    )
+
+
+def _check_step_result(result: Any) -> tuple[Any, Any]:
+    if isinstance(result, (tuple, list)) and len(result) == 2:
+        return result[0], result[1]
+    raise TypeError(
+        f"Expected `step(batch, model)` to return `(outputs, target)` but it returned {_describe(result)}. "
+        "Return the model's outputs and the target; validate() computes the loss and metrics from them: "
+        "`def step(batch, model): return model(batch['x']), batch['y']`."
+    )
+
+
+def _batch_size(target: Any, outputs: Any) -> int:
+    """Count a batch's samples from shapes (host metadata): the first dimension of the target, else the outputs'."""
+    for obj in (target, outputs):
+        if isinstance(obj, Tensor):
+            if obj.ndim > 0:
+                return int(obj.shape[0])
+        elif isinstance(obj, Sequence) and not isinstance(obj, str):
+            return len(obj)
+    raise TypeError(
+        f"validate() counts samples by the first dimension of the target but got target {_describe(target)} and "
+        f"outputs {_describe(outputs)}. Return a target with a batch dimension, e.g. `target.reshape(-1)`."
+    )
+
+
+def _describe(obj: Any, depth: int = 0) -> str:
+    """Type and structure of a batch, for error messages: ``tuple of 3: (Tensor(shape=(4, 2), ...), ...)``."""
+    if isinstance(obj, Tensor):
+        return f"Tensor(shape={tuple(obj.shape)}, dtype={str(obj.dtype).removeprefix('torch.')})"
+    if isinstance(obj, Mapping):
+        return f"{type(obj).__name__} with keys {list(obj)}"
+    if isinstance(obj, (tuple, list)):
+        if depth >= 1 or len(obj) > 4:
+            return f"{type(obj).__name__} of {len(obj)}"
+        inner = ", ".join(_describe(x, depth + 1) for x in obj)
+        return f"{type(obj).__name__} of {len(obj)}: ({inner})"
+    return type(obj).__name__
+
+
+def _criterion_error(loss: object) -> Exception:
+    if not isinstance(loss, Tensor):
+        return TypeError(
+            f"Expected `criterion(outputs, target)` to return a scalar tensor but it returned {type(loss).__name__}. "
+            "Return a tensor, e.g. `criterion=nn.CrossEntropyLoss()`."
+        )
+    return ValueError(
+        f"Expected `criterion(outputs, target)` to return a scalar (the batch mean) but it returned a tensor of "
+        f"shape {tuple(loss.shape)}. validate() weights each batch mean by the batch size itself: use "
+        "`reduction='mean'`, e.g. `criterion=nn.CrossEntropyLoss(reduction='mean')`."
+    )
+
+
+def _sum_dtype(device: torch.device) -> torch.dtype:
+    return torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Values
+
+
+def _values(loss_sum: Tensor | None, seen: int, named: list[tuple[str | None, Any]]) -> dict[str, float]:
+    """Compute the mean loss and every metric, and read them back to the host together."""
+    values: dict[str, Tensor | float] = {}
+    if loss_sum is not None:
+        values["loss"] = loss_sum / seen
+    for name, metric in named:
+        computed = metric.compute()
+        _merge(values, computed if name is None else {name: computed})
+    return _to_host(values)
+
+
+def _merge(values: dict[str, Tensor | float], computed: Mapping[str, Any]) -> None:
+    """Add computed values by name; a metric computing a dict (``ClasswiseWrapper``) adds one entry per key."""
+    for name, value in computed.items():
+        if isinstance(value, Mapping):
+            _merge(values, value)
+            continue
+        if name in values:
+            raise ValueError(f"Expected unique result names but two results are named {name!r}. Rename a metric.")
+        if isinstance(value, Tensor) and value.numel() != 1:
+            raise TypeError(
+                f"Expected metric {name!r} to compute a scalar but it computed a tensor of shape "
+                f"{tuple(value.shape)}. Average it (e.g. `MulticlassAccuracy(num_classes=10, average='macro')`) or "
+                f"name each element: `ClasswiseWrapper(MulticlassAccuracy(num_classes=10, average=None))`."
+            )
+        if not isinstance(value, (Tensor, int, float)):
+            raise TypeError(
+                f"Expected metric {name!r} to compute a scalar but it computed {type(value).__name__}. Pass metrics "
+                "that compute scalars (or a dict of scalars)."
+            )
+        values[name] = value
+
+
+def _to_host(values: dict[str, Tensor | float]) -> dict[str, float]:
+    """Every value as a Python float, with one device-to-host copy per device."""
+    out = {k: float(v) for k, v in values.items() if not isinstance(v, Tensor)}
+    by_device: dict[torch.device, list[str]] = {}
+    for name, value in values.items():
+        if isinstance(value, Tensor):
+            by_device.setdefault(value.device, []).append(name)
+    for dev, names in by_device.items():
+        dtype = _sum_dtype(dev)
+        stacked = torch.stack([values[n].detach().reshape(()).to(dtype) for n in names])  # type: ignore[union-attr]
+        out.update(zip(names, stacked.tolist(), strict=True))
+    return {k: out[k] for k in values}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Metric states
+
+
+def _save_states(roots: list[Metric | MetricCollection]) -> list[tuple[Metric, dict[str, Any]]]:
+    """Record what ``reset()`` and ``update()`` replace, to put it back when ``validate()`` raises.
+
+    ``reset()`` assigns fresh tensors (so saved tensor references stay untouched) but clears list states in place
+    (so lists are copied).
+    """
+    saved: list[tuple[Metric, dict[str, Any]]] = []
+    seen: set[int] = set()
+    for root in roots:
+        for m in root.modules():
+            if isinstance(m, Metric) and id(m) not in seen:
+                seen.add(id(m))
+                state = {k: list(v) if isinstance(v, list) else v for k, v in m.metric_state.items()}
+                state.update({k: getattr(m, k) for k in _METRIC_META if hasattr(m, k)})
+                saved.append((m, state))
+    return saved
+
+
+def _restore_states(saved: list[tuple[Metric, dict[str, Any]]]) -> None:
+    for metric, state in saved:
+        for name, value in state.items():
+            current = getattr(metric, name, None)
+            if isinstance(value, list) and isinstance(current, list):
+                current[:] = value  # keep the list object: a MetricCollection's compute group may share it
+            else:
+                setattr(metric, name, value)
+
