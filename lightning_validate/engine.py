@@ -66,7 +66,7 @@ def unwrap(model: nn.Module) -> nn.Module:
         inner: object = model.__dict__.get("_modules", {}).get("_orig_mod")  # torch.compile's OptimizedModule
         if inner is None and isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
             inner = model.module
-        if inner is None:  # Lightning's _LightningModuleWrapperBase keeps the LightningModule here
+        if inner is None:  # Lightning's wrappers (Fabric's _FabricModule, _LightningModuleWrapperBase) keep it here
             inner = model.__dict__.get("_modules", {}).get("_forward_module")
         if not isinstance(inner, nn.Module):
             break
@@ -170,11 +170,16 @@ def _group(changed: Iterable[str], universe: Iterable[str], *, root: bool = True
                 hits[anc] = hits.get(anc, 0) + 1
     out: dict[str, int] = {}
     for name in changed:
-        for anc in _ancestors(name)[0 if root else 1:]:
+        ancestors = _ancestors(name)[0 if root else 1:]
+        for k, anc in enumerate(ancestors):
             # A prefix that is not itself a member only absorbs groups of two or more: one changed tensor is
             # named by its own name, not by its module's.
             if total.get(anc, 0) and hits.get(anc, 0) == total[anc] and (anc == name or total[anc] > 1):
-                out.setdefault(anc, hits[anc])
+                # A deeper prefix with the same members names them more precisely: `backbone.1`, not `backbone`,
+                # when the backbone's only buffers are those of its one BatchNorm.
+                while k + 1 < len(ancestors) and total.get(ancestors[k + 1], 0) == total[anc]:
+                    k += 1
+                out.setdefault(ancestors[k], hits[ancestors[k]])
                 break
         else:
             out.setdefault(name, 1)
@@ -193,11 +198,17 @@ def _covers(count: int, noun: str) -> str:
 _STACK_ELEMENTS = 1 << 23
 
 
+def _positional_sum_rows(stacked: Tensor) -> Tensor:
+    return stacked.to(torch.float64) @ torch.arange(stacked.shape[1], dtype=torch.float64)
+
+
 def _fingerprint_rows(tensors: list[Tensor]) -> Tensor:
     """Per tensor ``[sum, L2 norm]`` in float64, on the tensors' (common) device, without a host synchronization.
 
     The sum is sensitive to sign flips, the norm to changes that keep the sum; float64 accumulation makes both
-    see a change of one element by one part in a million. Non-float tensors get a sum only (norm 0).
+    see a change of one element by one part in a million. Integer and bool tensors (counters, masks, indices) get a
+    position-weighted sum instead of a norm, which also sees values that moved (``mask.flip(0)``). A permutation of
+    a float tensor's values (a transpose written through ``.data``) keeps both its sum and its norm: not seen.
     """
     if not tensors:
         return torch.zeros(0, 2, dtype=torch.float64)
@@ -207,13 +218,24 @@ def _fingerprint_rows(tensors: list[Tensor]) -> Tensor:
         flat = [torch.view_as_real(t) if t.is_complex() else t for t in tensors]
         if device.type == "cpu":
             return _stacked_rows(flat)
-        # On an accelerator one reduction per tensor is launched asynchronously; the norms are fused
-        # (`_foreach_norm`: one kernel for many tensors). Nothing here copies to or from the host.
-        sums = torch.stack([t.sum(dtype=torch.float64) for t in flat])
-        floats = [t for t in flat if t.is_floating_point()]
-        norms = iter(torch._foreach_norm(floats, 2, dtype=torch.float64) if floats else ())
-        zero = sums.new_zeros(())
-        return torch.stack([sums, torch.stack([next(norms) if t.is_floating_point() else zero for t in flat])], 1)
+        return _per_tensor_rows(flat)
+
+
+def _per_tensor_rows(flat: list[Tensor]) -> Tensor:
+    """Accelerator path: one reduction per tensor, launched asynchronously; the norms fused (``_foreach_norm``).
+
+    Nothing here copies to or from the host, so nothing waits for the device.
+    """
+    sums = torch.stack([t.sum(dtype=torch.float64) for t in flat])
+    floats = [t for t in flat if t.is_floating_point()]
+    norms = iter(torch._foreach_norm(floats, 2, dtype=torch.float64) if floats else ())
+    second = [next(norms) if t.is_floating_point() else _positional_sum(t.reshape(-1)) for t in flat]
+    return torch.stack([sums, torch.stack(second)], 1)
+
+
+def _positional_sum(flat: Tensor) -> Tensor:
+    """``sum(i * t[i])`` in float64: exact for integer tensors below 2**53, sees values that changed places."""
+    return flat.to(torch.float64) @ torch.arange(flat.numel(), dtype=torch.float64, device=flat.device)
 
 
 def _stacked_rows(flat: list[Tensor]) -> Tensor:
@@ -237,7 +259,7 @@ def _stacked_rows(flat: list[Tensor]) -> Tensor:
             if dtype.is_floating_point:
                 norms = torch.linalg.vector_norm(stacked, 2, dim=1, dtype=torch.float64)
             else:
-                norms = torch.zeros_like(sums)
+                norms = _positional_sum_rows(stacked)
             parts.append(torch.stack([sums, norms], 1))
             order += block
     rows = torch.empty(len(flat), 2, dtype=torch.float64)
@@ -253,6 +275,7 @@ class _Fingerprint:
     """Fingerprints of named tensors, kept on their devices until first read."""
 
     keys: list[tuple[str, str]] = field(default_factory=list)  # (kind, name); kind: param, buffer, grad
+    integral: set[tuple[str, str]] = field(default_factory=set)  # keys whose second value is a positional sum
     _device_rows: list[tuple[list[int], Tensor]] = field(default_factory=list)
     _host: dict[tuple[str, str], tuple[float, float]] | None = None
 
@@ -264,7 +287,8 @@ class _Fingerprint:
             if _fingerprintable(t):
                 by_device.setdefault(t.device, []).append(len(usable))
                 usable.append((kind, name, t))
-        fp = cls(keys=[(k, n) for k, n, _ in usable])
+        fp = cls(keys=[(k, n) for k, n, _ in usable],
+                 integral={(k, n) for k, n, t in usable if not (t.is_floating_point() or t.is_complex())})
         for idx in by_device.values():
             fp._device_rows.append((idx, _fingerprint_rows([usable[i][2] for i in idx])))
         return fp
@@ -473,7 +497,9 @@ def compare(
     for was in (False, True):
         flipped = [n for n in common if before.modes[n] == was and after.modes[n] != was
                    and not matches_any(n, allow_train_mode)]
-        for name, count in _group(flipped, [n for n in common if before.modes[n] == was]):
+        # The universe is every common submodule: a prefix absorbs its members only if all of them flipped,
+        # so a flipped backbone under an unchanged head is reported as `backbone`, not as the whole model.
+        for name, count in _group(flipped, common):
             mode, now = ("eval", "train") if not was else ("train", "eval")
             fix = _FIX_MODE_RESTORE if not was else _FIX_MODE_LEFT_EVAL.format(name=display_name(name))
             add("LV205", display_name(name), f"{mode} mode as before evaluation",
@@ -518,7 +544,11 @@ def _compare_content(before: Snapshot, after: Snapshot, add: Callable[..., None]
             noun = "parameters" if kind == "param" else "buffers"
             owner = name.rpartition(".")[0] if (kind, name) in fb else name
             fix = _FIX_PARAM if kind == "param" else _FIX_BUFFER.format(module=display_name(owner))
-            seen = f"{count} {noun} changed" if count > 1 else _change(fb[(kind, name)], fa[(kind, name)])
+            if count > 1:
+                seen = f"{count} {noun} changed"
+            else:
+                integral = after._fingerprint is not None and (kind, name) in after._fingerprint.integral
+                seen = _change(fb[(kind, name)], fa[(kind, name)], integral)
             add(code, display_name(name), "unchanged values", seen, fix)
     if before.has_grad is not None and after.has_grad is not None:
         names = [n for n in before.has_grad if n in after.has_grad]
@@ -539,8 +569,9 @@ def _compare_content(before: Snapshot, after: Snapshot, add: Callable[..., None]
             add("LV204", display_name(name), ".grad unchanged", seen, _FIX_GRAD)
 
 
-def _change(b: tuple[float, float], a: tuple[float, float]) -> str:
-    return f"changed (sum {b[0]:.6g} -> {a[0]:.6g}, norm {b[1]:.6g} -> {a[1]:.6g})"
+def _change(b: tuple[float, float], a: tuple[float, float], integral: bool) -> str:
+    second = "positional sum" if integral else "norm"
+    return f"changed (sum {b[0]:.6g} -> {a[0]:.6g}, {second} {b[1]:.6g} -> {a[1]:.6g})"
 
 
 # --------------------------------------------------------------------------------------------------------------
