@@ -444,7 +444,7 @@ _FIX_BUFFER = (
 )
 _FIX_REQUIRES_GRAD = (
     "do not freeze or unfreeze during evaluation; save and restore the flags: "
-    "`flags = {{n: p.requires_grad for n, p in model.named_parameters()}}` ... "
+    "`flags = {n: p.requires_grad for n, p in model.named_parameters()}` ... "  # not a format string
     "`for n, p in model.named_parameters(): p.requires_grad_(flags[n])`"
 )
 _FIX_GRAD = (
@@ -667,9 +667,8 @@ def check_eval_state(
                 f"{display_name(name)}{f' ({cls})' if cls else ''} in train mode"
                 + (" (its class overrides `train()`: check that it honors `mode`)"
                    if _overrides_train(index, name) else ""),
-                f"call `model.eval()` before evaluating (Lightning does it unless `on_{phase}_model_eval` is "
-                f"overridden); if `{display_name(name)}` must stay in train mode on purpose, allow it: "
-                f"`allow_train_mode=[{display_name(name)!r}]`",
+                f"call `model.eval()` before evaluating{_lightning_eval_hint(phase)}; if `{display_name(name)}` "
+                f"must stay in train mode on purpose, allow it: `allow_train_mode=[{display_name(name)!r}]`",
                 _covers(count, "submodules"),
             ))
     if torch.is_grad_enabled() and not allow_grad:
@@ -679,6 +678,12 @@ def check_eval_state(
             "local `with torch.enable_grad():` block inside the step",
         ))
     return findings
+
+
+def _lightning_eval_hint(phase: str) -> str:
+    """Name the Lightning hook that puts the model in eval mode for a Lightning phase; nothing for other phases."""
+    hook = {"validation": "validation", "sanity_check": "validation", "test": "test", "predict": "predict"}.get(phase)
+    return f" (Lightning does it unless `on_{hook}_model_eval` is overridden)" if hook else ""
 
 
 def _overrides_train(index: ModeIndex, name: str) -> bool:
