@@ -35,6 +35,7 @@ from lightning_validate.findings import Finding
 __all__ = [
     "ModeIndex",
     "Snapshot",
+    "attribute_path",
     "check_eval_state",
     "check_train_state",
     "compare",
@@ -122,6 +123,17 @@ def _patterns(argument: str, patterns: Sequence[str]) -> Sequence[str]:
 def display_name(name: str) -> str:
     """Qualified name as shown to users: the root module (``""``) is ``"<model>"``."""
     return name or ROOT
+
+
+def attribute_path(name: str, root: str = "model") -> str:
+    """The Python expression that reaches a submodule, for fixes written as code.
+
+    Example:
+        >>> attribute_path("backbone.1.conv"), attribute_path("", "self")
+        ('model.backbone[1].conv', 'self')
+
+    """
+    return root + "".join(f"[{part}]" if part.isdigit() else f".{part}" for part in name.split(".") if part)
 
 
 def matches_any(name: str, patterns: Sequence[str]) -> bool:
@@ -501,7 +513,7 @@ def compare(
         # so a flipped backbone under an unchanged head is reported as `backbone`, not as the whole model.
         for name, count in _group(flipped, common):
             mode, now = ("eval", "train") if not was else ("train", "eval")
-            fix = _FIX_MODE_RESTORE if not was else _FIX_MODE_LEFT_EVAL.format(name=display_name(name))
+            fix = _FIX_MODE_RESTORE if not was else _FIX_MODE_LEFT_EVAL.format(name=attribute_path(name))
             add("LV205", display_name(name), f"{mode} mode as before evaluation",
                 f"{after.describe(name)} in {now} mode", fix, _covers(count, "submodules"))
 
@@ -543,7 +555,7 @@ def _compare_content(before: Snapshot, after: Snapshot, add: Callable[..., None]
         for name, count in _group(changed, keys, root=False):
             noun = "parameters" if kind == "param" else "buffers"
             owner = name.rpartition(".")[0] if (kind, name) in fb else name
-            fix = _FIX_PARAM if kind == "param" else _FIX_BUFFER.format(module=display_name(owner))
+            fix = _FIX_PARAM if kind == "param" else _FIX_BUFFER.format(module=attribute_path(owner))
             if count > 1:
                 seen = f"{count} {noun} changed"
             else:
@@ -739,7 +751,7 @@ def check_train_state(
         findings.append(Finding(
             "LV302", display_name(name), phase, boundary, "train mode (it has trainable parameters)",
             f"{display_name(name)}{f' ({cls})' if cls else ''} in eval mode",
-            f"call `{'self' if not name else 'self.' + name}.train()` in `on_train_start` (a pretrained model "
+            f"call `{attribute_path(name, 'self')}.train()` in `on_train_start` (a pretrained model "
             "loaded in eval mode stays there: Lightning >= 2.2 no longer calls `.train()`), or freeze it "
             "with `requires_grad_(False)` if it should not learn",
             _covers(count, "submodules"),

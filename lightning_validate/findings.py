@@ -84,10 +84,17 @@ class Finding:
     fix: str
     detail: str = ""
 
+    def __post_init__(self) -> None:
+        if self.code not in CODES:
+            raise ValueError(
+                f"Expected argument `code` to be one of the documented codes ({', '.join(CODES)}) but got "
+                f"{self.code!r}. Add a new code to `CODES` and a section to docs/codes.md first."
+            )
+
     @property
     def title(self) -> str:
         """The one-line title of this finding's code."""
-        return CODES.get(self.code, "unknown finding")
+        return CODES[self.code]
 
     @property
     def message(self) -> str:

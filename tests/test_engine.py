@@ -148,7 +148,7 @@ def test_batchnorm_running_stats_updated_in_train_mode_are_caught() -> None:
     assert findings[0].message == (
         "LV202 buffer changed by evaluation: `backbone.1` at validation/end: expected unchanged values, saw 3 buffers "
         "changed. Fix: a submodule ran in train mode during evaluation and updated its buffers (BatchNorm running "
-        "statistics): keep it in eval mode (`backbone.1.eval()`), or restore the buffers after computing the loss"
+        "statistics): keep it in eval mode (`model.backbone[1].eval()`), or restore the buffers after computing the loss"
     )
 
 
@@ -424,7 +424,7 @@ def test_a_model_left_in_eval_mode_is_reported() -> None:
     assert [(f.code, f.module, f.seen) for f in findings] == [("LV205", "<model>", "<model> (Module) in eval mode")]
     assert findings[0].fix == (
         "put the submodule back in train mode after evaluation: remove the `on_validation_model_train` override "
-        "that does nothing, or call `<model>.train()` at the end of evaluation"
+        "that does nothing, or call `model.train()` at the end of evaluation"
     )
 
 
