@@ -126,7 +126,7 @@ def display_name(name: str) -> str:
 
 
 def attribute_path(name: str, root: str = "model") -> str:
-    """The Python expression that reaches a submodule, for fixes written as code.
+    """Write the Python expression that reaches a submodule, for fixes written as code.
 
     Example:
         >>> attribute_path("backbone.1.conv"), attribute_path("", "self")

@@ -148,7 +148,8 @@ def test_batchnorm_running_stats_updated_in_train_mode_are_caught() -> None:
     assert findings[0].message == (
         "LV202 buffer changed by evaluation: `backbone.1` at validation/end: expected unchanged values, saw 3 buffers "
         "changed. Fix: a submodule ran in train mode during evaluation and updated its buffers (BatchNorm running "
-        "statistics): keep it in eval mode (`model.backbone[1].eval()`), or restore the buffers after computing the loss"
+        "statistics): keep it in eval mode (`model.backbone[1].eval()`), or restore the buffers after computing the "
+        "loss"
     )
 
 
