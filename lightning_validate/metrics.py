@@ -1,0 +1,383 @@
+"""Device-side accumulators for exact epoch metrics, and the helpers that keep DDP padding out of them.
+
+Plain torch and torchmetrics, no Lightning: ``ValidationMixin`` uses them, and so can a plain-PyTorch loop.
+
+Three rules make an epoch value exact and cheap:
+
+- the loss is accumulated as ``sum(batch_loss * batch_size)`` and a sample count, so the epoch loss is the
+  per-sample mean whatever the size of the last batch;
+- nothing is read back to the host per batch: each batch appends one device scalar, folded every few hundred
+  batches; non-finite losses and out-of-range targets are counted from those scalars at epoch end;
+- the samples that ``DistributedSampler`` repeats to give every rank the same length are not counted. Its padded
+  entries are the global positions ``>= len(dataset)``, and rank ``r``'s ``k``-th sample sits at global position
+  ``r + k * world_size``, so each rank knows from plain integers how many of its samples are real
+  (``real_samples(loader)``) and ``PaddingFilter`` cuts its last batch to them: no mask, no ``nonzero``, no sync.
+
+Example:
+    >>> import torch
+    >>> acc = LossAccumulator()
+    >>> acc.update(torch.tensor(1.0), 3)  # a batch of 3 with mean loss 1
+    >>> acc.update(torch.tensor(4.0), 1)  # a last batch of 1 with loss 4
+    >>> total, count, nonfinite, batches = acc.summary().tolist()
+    >>> total / count  # (3 * 1 + 1 * 4) / 4, not (1 + 4) / 2
+    1.75
+    >>> f = PaddingFilter(limit=5)  # this rank's sampler yields 6 samples; the last one is padding
+    >>> f.keep(4), f.keep(2)
+    (4, 1)
+
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from lightning_utilities.core.apply_func import apply_to_collection
+from torch import Tensor, nn
+from torch.utils.data import BatchSampler, DistributedSampler
+from torchmetrics import Metric
+from torchmetrics.classification import MulticlassAccuracy
+
+__all__ = [
+    "LossAccumulator",
+    "PaddingFilter",
+    "TargetRange",
+    "batch_size_of",
+    "check_metrics",
+    "default_metrics",
+    "local_value",
+    "real_samples",
+    "take_first",
+]
+
+#: Samplers whose order is known: padding, if any, is exactly the global positions >= len(sampler.dataset).
+#: Lightning injects the first three (the unrepeated ones pad nothing); a subclass of anything else is not guessed.
+_KNOWN_SAMPLERS = frozenset(
+    f"{package}.{name}"
+    for package, name in [
+        ("torch.utils.data.distributed", "DistributedSampler"),
+        ("lightning.fabric.utilities.distributed", "DistributedSamplerWrapper"),
+        ("lightning.pytorch.overrides.distributed", "UnrepeatedDistributedSampler"),
+        ("lightning.pytorch.overrides.distributed", "UnrepeatedDistributedSamplerWrapper"),
+        ("lightning_fabric.utilities.distributed", "DistributedSamplerWrapper"),
+        ("pytorch_lightning.overrides.distributed", "UnrepeatedDistributedSampler"),
+        ("pytorch_lightning.overrides.distributed", "UnrepeatedDistributedSamplerWrapper"),
+    ]
+)
+
+#: Device scalars kept per accumulator before they are folded into running sums (bounds memory, amortizes cost).
+_FOLD_EVERY = 256
+
+
+def _sum_dtype(device: torch.device) -> torch.dtype:
+    # float64 sums keep the epoch mean exact to ~1e-12; MPS has no float64.
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+class LossAccumulator:
+    """Exact per-sample mean of a loss over an epoch, kept on the loss's device.
+
+    ``update(loss, n)`` takes the batch mean (a 0-dim tensor) and the number of samples, or a per-sample loss
+    (a tensor whose first dimension is ``n``; further dimensions are averaged per sample). Each call costs one
+    small device operation and never synchronizes; ``summary()`` gives ``[sum, count, non-finite batches,
+    batches]`` as one tensor, ready for one ``all_reduce(SUM)`` across processes.
+
+    Args:
+        reduction: ``"mean"`` (a 0-dim loss is the batch mean) or ``"sum"`` (a 0-dim loss is the batch sum).
+
+    """
+
+    def __init__(self, reduction: str = "mean") -> None:
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"Expected argument `reduction` to be 'mean' or 'sum' but got {reduction!r}.")
+        self.reduction = reduction
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything accumulated."""
+        self.count = 0
+        self.batches = 0
+        self._parts: list[Tensor] = []
+        self._total: Tensor | None = None
+        self._nonfinite: Tensor | None = None
+
+    def update(self, loss: Tensor, n: int) -> None:
+        """Add one batch: its loss (see the class docstring) and its number of samples ``n`` (a Python int)."""
+        loss = loss.detach()
+        if loss.ndim == 0:
+            part = loss if self.reduction == "sum" else loss * n
+        else:
+            if loss.shape[0] != n:
+                raise ValueError(
+                    f"Expected a per-sample loss of first dimension {n} (the batch size) but got shape "
+                    f"{tuple(loss.shape)}. Return the batch mean (a 0-dim tensor) or one loss per sample."
+                )
+            part = (loss.reshape(n, -1).mean(1) if loss.ndim > 1 else loss).sum()
+        self._parts.append(part)
+        self.count += n
+        self.batches += 1
+        if len(self._parts) >= _FOLD_EVERY:
+            self._fold()
+
+    def _fold(self) -> None:
+        if not self._parts:
+            return
+        chunk = torch.stack(self._parts)
+        self._parts = []
+        total = chunk.sum(dtype=_sum_dtype(chunk.device))
+        nonfinite = torch.isfinite(chunk).logical_not().sum()
+        self._total = total if self._total is None else self._total + total
+        self._nonfinite = nonfinite if self._nonfinite is None else self._nonfinite + nonfinite
+
+    def summary(self, device: torch.device | None = None) -> Tensor:
+        """``[sum, count, non-finite batches, batches]`` as one tensor (float64 except on MPS); no sync."""
+        self._fold()
+        if self._total is None or self._nonfinite is None:
+            dev = device if device is not None else torch.device("cpu")
+            return torch.zeros(4, dtype=_sum_dtype(dev), device=dev)
+        total = self._total
+        return torch.stack(
+            [total, total.new_tensor(self.count), self._nonfinite.to(total.dtype), total.new_tensor(self.batches)]
+        )
+
+    def running_mean(self) -> Tensor | None:
+        """Return the mean so far as a device scalar (``None`` before the first batch); reading it is one sync."""
+        self._fold()
+        if self._total is None or self.count == 0:
+            return None
+        return self._total / self.count
+
+
+class TargetRange:
+    """Count batches whose integer targets fall outside ``[0, num_classes)``, without a sync per batch.
+
+    Each batch costs one ``torch.aminmax``; ``summary()`` gives ``([bad batches], [-smallest, largest])``: the
+    first for an ``all_reduce(SUM)``, the second for an ``all_reduce(MAX)``. A negative ``ignore_index`` (as in
+    ``CrossEntropyLoss(ignore_index=-100)``) is not counted when it is a batch's smallest target.
+
+    Args:
+        num_classes: the number of classes.
+        ignore_index: a target value that is not a class but is allowed.
+
+    """
+
+    def __init__(self, num_classes: int, ignore_index: int | None = None) -> None:
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything seen."""
+        self._parts: list[Tensor] = []
+        self._bad: Tensor | None = None
+        self._extremes: Tensor | None = None
+
+    def update(self, target: Tensor) -> None:
+        """Record one batch of targets (ignored unless an integer tensor with at least one element)."""
+        if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool or target.numel() == 0:
+            return
+        lo, hi = torch.aminmax(target)
+        self._parts.append(torch.stack([lo, hi]))
+        if len(self._parts) >= _FOLD_EVERY:
+            self._fold()
+
+    def _fold(self) -> None:
+        if not self._parts:
+            return
+        chunk = torch.stack(self._parts).to(torch.int64)
+        self._parts = []
+        lo, hi = chunk[:, 0], chunk[:, 1]
+        low_bad = lo < 0
+        if self.ignore_index is not None and self.ignore_index < 0:
+            low_bad &= lo != self.ignore_index
+        bad = (low_bad | (hi >= self.num_classes)).sum()
+        extremes = torch.stack([(-lo).max(), hi.max()])
+        self._bad = bad if self._bad is None else self._bad + bad
+        self._extremes = extremes if self._extremes is None else torch.maximum(self._extremes, extremes)
+
+    def summary(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """``([bad batches], [-smallest target, largest target])`` as int64 tensors on ``device``; no sync."""
+        self._fold()
+        if self._bad is None or self._extremes is None:
+            return (
+                torch.zeros(1, dtype=torch.int64, device=device),
+                torch.full((2,), torch.iinfo(torch.int64).min, dtype=torch.int64, device=device),
+            )
+        return self._bad.reshape(1), self._extremes
+
+
+class PaddingFilter:
+    """Tell, per batch, how many leading samples are real when a rank's last samples are padding.
+
+    ``limit`` is the number of real samples this rank yields (``real_samples(loader)``), or ``None`` when there
+    is no padding to remove. ``keep(n)`` advances by a batch of ``n`` samples and returns how many of them to
+    count. Plain integers only: no device work, no sync.
+    """
+
+    __slots__ = ("limit", "offset")
+
+    def __init__(self, limit: int | None = None) -> None:
+        self.limit = limit
+        self.offset = 0
+
+    def keep(self, n: int) -> int:
+        """Advance by a batch of ``n`` samples; return how many of its leading samples are real."""
+        start = self.offset
+        self.offset = start + n
+        if self.limit is None or self.offset <= self.limit:
+            return n
+        return max(0, self.limit - start)
+
+
+def real_samples(loader: object) -> int | None:
+    """Return how many real samples this rank's ``DataLoader`` yields when its sampler pads, else ``None``.
+
+    Only a ``DataLoader`` that batches with a plain ``BatchSampler`` over a ``DistributedSampler`` (or Lightning's
+    wrappers of it) is recognized: their order is known, so the padded entries are the trailing positions. For any
+    other sampler (a custom one, an ``IterableDataset``) nothing is removed.
+
+    Example:
+        >>> from torch.utils.data import DataLoader, DistributedSampler
+        >>> data = list(range(10))
+        >>> [real_samples(DataLoader(data, sampler=DistributedSampler(data, num_replicas=4, rank=r), batch_size=2))
+        ...  for r in range(4)]  # 10 samples on 4 ranks: 3 each, ranks 2 and 3 get one repeat
+        [3, 3, 2, 2]
+
+    """
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    if type(batch_sampler) is not BatchSampler:
+        return None
+    sampler = batch_sampler.sampler
+    if not isinstance(sampler, DistributedSampler):
+        return None
+    if f"{type(sampler).__module__}.{type(sampler).__qualname__}" not in _KNOWN_SAMPLERS:
+        return None
+    if sampler.drop_last:  # truncates instead of padding: nothing repeated
+        return None
+    size = len(sampler.dataset)  # type: ignore[arg-type]
+    world, rank = sampler.num_replicas, sampler.rank
+    real = max(0, -(-(size - rank) // world))  # positions rank + k * world < size
+    return min(real, sampler.num_samples)
+
+
+def batch_size_of(obj: Any) -> int | None:
+    """First dimension of the first tensor in ``obj`` (a tensor or a nested list/tuple/dict), else ``None``."""
+    if isinstance(obj, Tensor):
+        return int(obj.shape[0]) if obj.ndim else None
+    if isinstance(obj, Mapping):
+        obj = list(obj.values())
+    if isinstance(obj, (list, tuple)):
+        for item in obj:
+            size = batch_size_of(item)
+            if size is not None:
+                return size
+    return None
+
+
+def take_first(obj: Any, n: int, k: int) -> Any:
+    """Keep the first ``k`` of ``n`` samples: slice every tensor in ``obj`` whose first dimension is ``n``."""
+
+    def cut(t: Tensor) -> Tensor:
+        return t[:k] if t.ndim and t.shape[0] == n else t
+
+    return apply_to_collection(obj, Tensor, cut)
+
+
+def local_value(metric: Metric) -> Tensor | None:
+    """Return this process's running value of ``metric``: no cross-process sync, no cached value left behind.
+
+    ``metric.compute()`` would gather states from every process (a collective that only one rank calls would
+    hang) and cache its result. Calling the class's ``compute`` on the local state avoids both. Metrics built
+    from other metrics (compositions, wrappers) call their children's ``compute()``, so they are skipped
+    (``None``), as is a metric not updated yet or whose value is not a scalar.
+    """
+    if not metric.update_called or any(isinstance(m, Metric) for m in metric.children()):
+        return None
+    value = type(metric).compute(metric)
+    if not isinstance(value, Tensor) or value.numel() != 1:
+        return None
+    return value.reshape(())
+
+
+def default_metrics(num_classes: int | None) -> dict[str, Metric]:
+    """``{"acc": MulticlassAccuracy(num_classes, average="micro")}``, or ``{}`` when ``num_classes`` is ``None``.
+
+    Micro accuracy is the fraction of correct samples and needs no ``bincount`` (no sync on CUDA). Arguments are
+    not re-validated per batch (``validate_args=False``): ``ValidationMixin`` checks shapes itself and counts
+    out-of-range targets on the device.
+
+    Example:
+        >>> default_metrics(10)
+        {'acc': MulticlassAccuracy()}
+
+    """
+    if num_classes is None:
+        return {}
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        raise ValueError(f"Expected `num_classes` to be an int >= 2 but got {num_classes!r}.")
+    return {"acc": MulticlassAccuracy(num_classes, average="micro", validate_args=False)}
+
+
+def _per_class_hint(metric: Metric) -> str | None:
+    """Why ``metric`` would return more than one value, from its configuration, or ``None``."""
+    name = type(metric).__name__
+    if hasattr(metric, "average") and getattr(metric, "average", "") in (None, "none"):
+        return f"`{name}(average={metric.average!r})` returns one value per class: use `{name}(..., average='macro')`"
+    if getattr(metric, "multidim_average", "global") == "samplewise":
+        return f"`{name}(multidim_average='samplewise')` returns one value per sample: use `multidim_average='global'`"
+    return None
+
+
+def check_metrics(metrics: object, where: str = "configure_metrics()") -> dict[str, Metric]:
+    """Validate what ``configure_metrics()`` returned; give a ``{name: Metric}`` dict.
+
+    Accepts a mapping of names to torchmetrics ``Metric`` objects, or a ``MetricCollection`` (flattened to its
+    members, with its prefix and postfix applied; compute groups are not used). Each value must be a scalar:
+    a metric configured to return one value per class or per sample is refused here, before any data is seen.
+
+    Raises:
+        TypeError: if the container or a value is not a torchmetrics object, or a name is not a string.
+        ValueError: if a name is empty, contains ``.``, is ``"loss"``, or a metric returns more than one value.
+
+    Example:
+        >>> from torchmetrics.classification import MulticlassAccuracy
+        >>> check_metrics({"acc": MulticlassAccuracy(3, average=None)})
+        Traceback (most recent call last):
+        ...
+        ValueError: Metric `acc` from `configure_metrics()` is not a scalar: `MulticlassAccuracy(average=None)` \
+returns one value per class: use `MulticlassAccuracy(..., average='macro')`.
+
+    """
+    from torchmetrics import MetricCollection
+
+    example = '`return {"acc": MulticlassAccuracy(num_classes=10)}`'
+    if isinstance(metrics, MetricCollection):
+        items: Sequence[tuple[object, object]] = list(metrics.items(keep_base=False, copy_state=False))
+    elif isinstance(metrics, Mapping):
+        items = list(metrics.items())
+    else:
+        raise TypeError(
+            f"Expected `{where}` to return a dict of torchmetrics `Metric` objects or a `MetricCollection` but got "
+            f"{type(metrics).__name__} ({metrics!r}). Return e.g. {example}."
+        )
+    out: dict[str, Metric] = {}
+    for name, metric in items:
+        if not isinstance(name, str):
+            raise TypeError(f"Expected the metric names from `{where}` to be strings but got {name!r}.")
+        if not name or "." in name or name == "loss":
+            raise ValueError(
+                f"Metric name {name!r} from `{where}` is not usable: names must be non-empty, without '.', and "
+                "not 'loss' (the mixin logs the loss itself)."
+            )
+        if not isinstance(metric, Metric):
+            kind = "a function" if callable(metric) and not isinstance(metric, nn.Module) else type(metric).__name__
+            raise TypeError(
+                f"Expected `{where}` to return torchmetrics `Metric` objects but the value for {name!r} is {kind} "
+                f"({metric!r}). Use the class, not the functional form: {example}."
+            )
+        hint = _per_class_hint(metric)
+        if hint is not None:
+            raise ValueError(f"Metric `{name}` from `{where}` is not a scalar: {hint}.")
+        out[name] = metric
+    return out

@@ -1,0 +1,186 @@
+import math
+
+import pytest
+import torch
+from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSamplerWrapper
+from torch.utils.data import DataLoader, DistributedSampler, SequentialSampler
+from torchmetrics import MeanMetric, MetricCollection, SumMetric
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+
+from lightning_validate.metrics import (
+    _FOLD_EVERY,
+    LossAccumulator,
+    PaddingFilter,
+    TargetRange,
+    batch_size_of,
+    check_metrics,
+    default_metrics,
+    local_value,
+    real_samples,
+    take_first,
+)
+
+
+def test_loss_accumulator_is_the_per_sample_mean_across_folds():
+    gen = torch.Generator().manual_seed(0)
+    per_sample = torch.rand(1000, generator=gen, dtype=torch.float64)
+    acc = LossAccumulator()
+    sizes = [3] * 330 + [10]  # more batches than one fold, a different last batch
+    start = 0
+    for n in sizes:
+        acc.update(per_sample[start : start + n].float().mean(), n)
+        start += n
+    assert acc.batches > _FOLD_EVERY
+    total, count, nonfinite, batches = acc.summary().tolist()
+    assert (count, nonfinite, batches) == (1000, 0, len(sizes))
+    assert total / count == pytest.approx(per_sample.mean().item(), abs=1e-6)
+    assert acc.running_mean().item() == pytest.approx(per_sample.mean().item(), abs=1e-6)
+
+
+def test_loss_accumulator_sum_and_per_sample_losses():
+    losses = torch.tensor([1.0, 2.0, 3.0, 6.0])
+    as_sum, per_sample, as_mean = LossAccumulator("sum"), LossAccumulator(), LossAccumulator()
+    for acc, first, second in [
+        (as_sum, losses[:3].sum(), losses[3:].sum()),
+        (per_sample, losses[:3], losses[3:]),
+        (as_mean, losses[:3].mean(), losses[3:].mean()),
+    ]:
+        acc.update(first, 3)
+        acc.update(second, 1)
+        assert acc.running_mean().item() == pytest.approx(3.0)
+    images = LossAccumulator()
+    images.update(torch.tensor([[1.0, 3.0], [5.0, 7.0]]), 2)  # per-pixel losses: averaged per sample first
+    assert images.running_mean().item() == pytest.approx(4.0)
+
+
+def test_loss_accumulator_counts_nonfinite_batches_and_rejects_bad_input():
+    acc = LossAccumulator()
+    assert acc.running_mean() is None
+    assert acc.summary().tolist() == [0.0, 0.0, 0.0, 0.0]
+    for value in [1.0, math.nan, 2.0, math.inf]:
+        acc.update(torch.tensor(value), 2)
+    total, count, nonfinite, batches = acc.summary().tolist()
+    assert (count, nonfinite, batches) == (8, 2, 4) and math.isnan(total)
+    with pytest.raises(ValueError, match=r"per-sample loss of first dimension 4 \(the batch size\) but got shape \(3,\)"):
+        acc.update(torch.ones(3), 4)
+    with pytest.raises(ValueError, match="Expected argument `reduction` to be 'mean' or 'sum' but got 'none'"):
+        LossAccumulator("none")
+
+
+def test_target_range_counts_bad_batches_and_extremes():
+    tr = TargetRange(num_classes=10, ignore_index=-100)
+    for target in [torch.tensor([0, 9]), torch.tensor([-100, 3]), torch.tensor([2, 12]), torch.tensor([-1, 5])]:
+        tr.update(target)
+    tr.update(torch.tensor([0.5, 20.0]))  # float targets (regression): not class indices, ignored
+    tr.update(torch.tensor([], dtype=torch.long))
+    bad, extremes = tr.summary(torch.device("cpu"))
+    assert bad.tolist() == [2]
+    assert extremes.tolist() == [100, 12]  # -smallest (the ignore_index), largest
+    empty_bad, _ = TargetRange(3).summary(torch.device("cpu"))
+    assert empty_bad.tolist() == [0]
+
+
+def test_target_range_folds_long_epochs():
+    tr = TargetRange(num_classes=3)
+    for i in range(_FOLD_EVERY + 5):
+        tr.update(torch.tensor([0, 3 if i % 100 == 0 else 2]))
+    bad, extremes = tr.summary(torch.device("cpu"))
+    assert bad.tolist() == [3] and extremes.tolist() == [0, 3]
+
+
+@pytest.mark.parametrize("size", [10, 11, 12, 3])
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_real_samples_and_padding_filter_count_every_sample_once(size, world):
+    data = list(range(size))
+    seen: list[int] = []
+    for rank in range(world):
+        sampler = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=True, seed=3)
+        loader = DataLoader(data, sampler=sampler, batch_size=2)
+        keep = PaddingFilter(real_samples(loader))
+        for batch in loader:
+            seen += batch[: keep.keep(len(batch))].tolist()
+    assert sorted(seen) == data
+
+
+def test_real_samples_recognizes_lightning_wrappers_and_nothing_else():
+    data = list(range(11))
+    wrapped = DistributedSamplerWrapper(SequentialSampler(data), num_replicas=2, rank=1, shuffle=False)
+    assert real_samples(DataLoader(data, sampler=wrapped, batch_size=4)) == 5  # 6 with one repeat
+    unrepeated = UnrepeatedDistributedSamplerWrapper(SequentialSampler(data), num_replicas=2, rank=1, shuffle=False)
+    assert real_samples(DataLoader(data, sampler=unrepeated, batch_size=4)) == 5
+
+    class Custom(DistributedSampler):  # its order is not known: not guessed
+        pass
+
+    assert real_samples(DataLoader(data, sampler=Custom(data, num_replicas=2, rank=1), batch_size=4)) is None
+    dropping = DistributedSampler(data, num_replicas=2, rank=1, drop_last=True)
+    assert real_samples(DataLoader(data, sampler=dropping, batch_size=4)) is None
+    assert real_samples(DataLoader(data, batch_size=4)) is None
+    assert real_samples(object()) is None
+
+
+def test_padding_filter_without_limit_keeps_everything():
+    f = PaddingFilter()
+    assert [f.keep(4) for _ in range(3)] == [4, 4, 4]
+    f = PaddingFilter(limit=5)
+    assert [f.keep(4), f.keep(4), f.keep(4)] == [4, 1, 0]
+
+
+def test_batch_size_of_and_take_first():
+    x, y = torch.zeros(5, 3), torch.arange(5)
+    assert batch_size_of(y) == 5
+    assert batch_size_of({"a": [torch.tensor(1.0), x]}) == 5
+    assert batch_size_of(["text"]) is None
+    cut = take_first({"x": x, "y": y, "scale": torch.tensor(2.0), "other": torch.zeros(7)}, 5, 2)
+    assert cut["x"].shape == (2, 3) and cut["y"].tolist() == [0, 1]
+    assert cut["scale"].ndim == 0 and cut["other"].shape == (7,)
+
+
+def test_local_value_does_not_cache_or_sync():
+    acc = MulticlassAccuracy(3, average="micro")
+    assert local_value(acc) is None  # no update yet
+    acc.update(torch.tensor([[1.0, 0, 0], [0, 1.0, 0]]), torch.tensor([0, 2]))
+    assert local_value(acc).item() == pytest.approx(0.5)
+    assert acc._computed is None
+    assert local_value(MeanMetric() + SumMetric()) is None  # compositions call their children's compute()
+    per_class = MulticlassAccuracy(3, average=None)
+    per_class.update(torch.eye(3), torch.arange(3))
+    assert local_value(per_class) is None
+
+
+def test_default_metrics():
+    assert default_metrics(None) == {}
+    metric = default_metrics(4)["acc"]
+    assert isinstance(metric, MulticlassAccuracy) and metric.average == "micro"
+    with pytest.raises(ValueError, match=r"Expected `num_classes` to be an int >= 2 but got 1"):
+        default_metrics(1)
+
+
+def test_check_metrics_accepts_dicts_and_collections():
+    acc = MulticlassAccuracy(3)
+    assert check_metrics({"acc": acc}) == {"acc": acc}
+    collection = MetricCollection({"acc": MulticlassAccuracy(3), "f1": MulticlassF1Score(3)}, prefix="m_")
+    assert sorted(check_metrics(collection)) == ["m_acc", "m_f1"]
+
+
+@pytest.mark.parametrize(
+    ("metrics", "error", "match"),
+    [
+        ([MulticlassAccuracy(3)], TypeError, r"to return a dict of torchmetrics `Metric` objects .* but got list"),
+        ({"acc": torch.sum}, TypeError, r"the value for 'acc' is a function .* Use the class, not the functional"),
+        ({"acc": 0.5}, TypeError, r"the value for 'acc' is float"),
+        ({1: MulticlassAccuracy(3)}, TypeError, r"metric names from `configure_metrics\(\)` to be strings but got 1"),
+        ({"loss": MeanMetric()}, ValueError, r"Metric name 'loss' .* not 'loss'"),
+        ({"a.b": MeanMetric()}, ValueError, r"Metric name 'a.b' .* without '\.'"),
+        ({"f1": MulticlassF1Score(3, average=None)}, ValueError, r"`f1` .* not a scalar: .*average='macro'"),
+        (
+            {"acc": MulticlassAccuracy(3, multidim_average="samplewise")},
+            ValueError,
+            r"one value per sample: use `multidim_average='global'`",
+        ),
+    ],
+)
+def test_check_metrics_errors(metrics, error, match):
+    with pytest.raises(error, match=match):
+        check_metrics(metrics)
