@@ -1,0 +1,898 @@
+"""``ModeCheck``: a Lightning callback that checks mode and grad state at every phase boundary.
+
+Lightning switches the model to eval mode and turns grad off for every evaluation, and puts back each submodule's
+own mode afterwards; nothing checks that this really happened, or that evaluation gave the model back unchanged.
+``ModeCheck`` does, for ``fit`` (with its sanity check), ``validate``, ``test`` and ``predict``. It is a thin adapter
+over the plain-torch check engine (``lightning_validate.engine``).
+
+Where each check runs (see the hook-order guide: a callback never sees the state just before ``.eval()``):
+
+- The baseline is taken by wrapping the LightningModule's ``on_{stage}_model_eval`` hook: the state right before
+  ``.eval()``, exactly what Lightning itself captures for its restore.
+- Per batch (``on_*_batch_start`` / ``on_*_batch_end``): eval mode and grad off, from a cached module list
+  (``engine.ModeIndex``, microseconds).
+- At the end of each evaluation (after the LightningModule's ``on_{stage}_end``, before Lightning resets logged
+  metrics): parameters, buffers and ``.grad`` against the baseline. Net changes only, so a callback that swaps
+  weights in and back (``EMAWeightAveraging``) is not reported. The epoch-level evaluation hooks of other
+  callbacks and of the LightningModule that are overridden are wrapped too, so a change is attributed to the hook
+  that made it, and Lightning's own model-changing callbacks (weight averaging, pruning) are told apart from bugs.
+- After the restore: if the LightningModule overrides ``on_{stage}_model_train``, the modes and ``requires_grad``
+  flags right after that override against the baseline; otherwise Lightning restores each mode itself and the
+  ``requires_grad`` flags are compared at the end of evaluation.
+- Training: grad on at every ``on_train_batch_start``; no trainable submodule in eval mode at the first batch of
+  each epoch (after ``on_train_epoch_start`` hooks such as ``BackboneFinetuning`` ran).
+- torchmetrics objects (registered submodules): update counts are read when each epoch's first batch starts and
+  when the epoch ends, to find one object updated in two stages or never reset.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import json
+import os
+import sys
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from torch import Tensor, nn
+from typing_extensions import override
+
+from lightning_validate.engine import (
+    ModeIndex,
+    Snapshot,
+    check_eval_state,
+    check_train_state,
+    compare,
+    display_name,
+    matches_any,
+    take_snapshot,
+)
+from lightning_validate.findings import CODES, Finding, ModeCheckError, ModeCheckWarning
+
+__all__ = ["ModeCheck"]
+
+_EVAL_STAGES = ("validation", "test", "predict")
+#: Trainer function -> evaluation stages whose hooks it runs.
+_STAGES_OF = {"fit": ("validation",), "validate": ("validation",), "test": ("test",), "predict": ("predict",)}
+_REPORT_VERSION = 1
+_WRAPPED = "__modecheck_wrapped__"
+_MISSING = object()
+
+
+def _trusted_callback_types() -> tuple[type, ...]:
+    """Lightning callbacks whose documented work changes the model inside evaluation hooks."""
+    from lightning.pytorch import callbacks
+
+    names = ("WeightAveraging", "StochasticWeightAveraging", "ModelPruning", "BaseFinetuning")
+    return tuple(t for t in (getattr(callbacks, n, None) for n in names) if isinstance(t, type))
+
+
+def _is_lightning_readonly(cb: Callback) -> bool:
+    """Lightning's own callbacks that only read the model (checkpointing, progress bars, monitors)."""
+    module = type(cb).__module__
+    return module.startswith("lightning.pytorch.callbacks") and type(cb).__name__ != "LambdaCallback"
+
+
+@dataclass
+class _Mark:
+    """A content snapshot taken during an evaluation, with the hook it follows (``""``: not after a hook)."""
+
+    snapshot: Snapshot
+    after_hook: str = ""
+    trusted: bool = False
+    batches: int = 0  # evaluation batches started before this mark
+
+
+@dataclass
+class _EvalRun:
+    """Bookkeeping of one evaluation loop run (a validation, the sanity check, a test or a predict run)."""
+
+    stage: str  # validation, test, predict
+    phase: str  # validation, sanity_check, test, predict
+    baseline: Snapshot
+    index: ModeIndex
+    marks: list[_Mark] = field(default_factory=list)
+    batches: int = 0
+    dirty: bool = False  # something may have changed since the last mark
+    finished: bool = False
+    probe_calls: dict[str, tuple[nn.Module, tuple[Any, ...], dict[str, Any]]] | None = None
+    probe_handles: list[Any] = field(default_factory=list)
+
+
+@dataclass
+class _MetricTrack:
+    """Update counts of one torchmetrics object at segment and epoch boundaries."""
+
+    opened_at: int = 0
+    open_stage: str | None = None
+    stages: set[str] = field(default_factory=set)
+    last_stage: str | None = None  # the stage that updated it last
+    closed_at: int = 0  # update count when the last epoch that updated it ended
+    moved_since_close: bool = False
+
+
+class ModeCheck(Callback):
+    r"""Check mode and grad state at every phase boundary of ``fit``, ``validate``, ``test`` and ``predict``.
+
+    Reports (codes documented in ``docs/codes.md``): a submodule in train mode or grad enabled during evaluation
+    (LV101, LV102); a non-deterministic forward in eval mode with ``probe=True`` (LV103); parameters, buffers,
+    ``requires_grad`` flags, ``.grad`` or submodules changed by evaluation (LV201-LV204, LV206); a submodule whose
+    mode after evaluation is not what it was before (LV205); grad disabled or a trainable submodule in eval mode
+    during training (LV301, LV302); a torchmetrics object updated in two stages or never reset (LV401, LV402).
+
+    Each finding carries the submodule's qualified name and the fix. With ``on_violation="warn"`` each distinct
+    finding is warned once (``ModeCheckWarning``, rank zero only); with ``"raise"`` the first one raises
+    ``ModeCheckError``. Under DDP every rank checks its own model; with ``"raise"`` the ranks agree on the verdict at
+    each evaluation end and each training epoch end, so all of them raise together and none is left waiting.
+
+    At the end of each run a summary is printed on rank zero (``verbose=False`` silences it) and, with
+    ``report_path``, written as JSON::
+
+        {"version": 1, "stage": "fit", "status": "finished",   # or "interrupted"
+         "rank": 0, "world_size": 1,
+         "boundaries_checked": {"on_validation_batch_start": 12, ...}, "total_boundaries": 40,
+         "findings": [{"code": "LV205", "module": "backbone", "phase": "validation", "boundary": ..., "expected": ...,
+                       "seen": ..., "fix": ..., "detail": ..., "title": ..., "message": ..., "count": 3}, ...]}
+
+    The file is replaced at the end of every run; it is written by rank zero, or by every rank when the path contains
+    ``{rank}`` (``"modecheck-{rank}.json"``).
+
+    Args:
+        on_violation: ``"warn"`` or ``"raise"``.
+        allow_train_mode: qualified names or glob patterns of submodules kept in train mode during evaluation on
+            purpose (MC dropout). They are not reported in train mode, their buffers may change, and ``probe``
+            ignores their randomness.
+        allow_eval_mode: qualified names or glob patterns of submodules with trainable parameters kept in eval mode
+            during training on purpose (LV302).
+        allow_grad: ``True``: grad enabled during evaluation is not reported (LV102).
+        ignore: finding codes to silence, e.g. ``["LV402"]``.
+        probe: run the first batch of each evaluation twice through the model (and its direct children), in eval
+            mode without grad, and report outputs that differ (LV103). The random number generators are restored
+            afterwards, so the probe does not change the run's randomness.
+        report_path: where to write the JSON report, or ``None``.
+        verbose: print the end-of-run summary.
+
+    Attributes:
+        findings: the distinct findings of the latest run, first occurrence first.
+
+    Example:
+        >>> import lightning.pytorch as pl
+        >>> from lightning_validate import ModeCheck
+        >>> check = ModeCheck(on_violation="raise", allow_train_mode=["head.mc_dropout"])
+        >>> trainer = pl.Trainer(callbacks=[check])  # doctest: +SKIP
+        >>> ModeCheck(on_violation="warning")
+        Traceback (most recent call last):
+        ...
+        ValueError: `ModeCheck(on_violation='warning')` is not valid. Expected `on_violation` to be 'warn' or 'raise' \
+but got 'warning'.
+
+    """
+
+    def __init__(
+        self,
+        on_violation: Literal["warn", "raise"] = "warn",
+        allow_train_mode: Sequence[str] = (),
+        allow_eval_mode: Sequence[str] = (),
+        allow_grad: bool = False,
+        ignore: Sequence[str] = (),
+        probe: bool = False,
+        report_path: str | os.PathLike[str] | None = None,
+        verbose: bool = True,
+    ) -> None:
+        given = {
+            "on_violation": (on_violation, "warn"), "allow_train_mode": (allow_train_mode, ()),
+            "allow_eval_mode": (allow_eval_mode, ()), "allow_grad": (allow_grad, False), "ignore": (ignore, ()),
+            "probe": (probe, False), "report_path": (report_path, None), "verbose": (verbose, True),
+        }
+        problems: list[str] = []
+        if on_violation not in ("warn", "raise"):
+            problems.append(f"Expected `on_violation` to be 'warn' or 'raise' but got {on_violation!r}.")
+        for arg in ("allow_train_mode", "allow_eval_mode"):
+            value = given[arg][0]
+            if isinstance(value, str):
+                problems.append(f"Expected `{arg}` to be a list of names or glob patterns but got the string "
+                                f"{value!r}: write `{arg}=[{value!r}]`.")
+            elif not isinstance(value, Sequence) or not all(isinstance(p, str) for p in value):
+                problems.append(f"Expected `{arg}` to be a list of names or glob patterns (str) but got {value!r}.")
+        for arg in ("allow_grad", "probe", "verbose"):
+            if not isinstance(given[arg][0], bool):
+                problems.append(f"Expected `{arg}` to be True or False but got {given[arg][0]!r}.")
+        if isinstance(ignore, str) or not isinstance(ignore, Sequence):
+            problems.append(f"Expected `ignore` to be a list of finding codes but got {ignore!r}"
+                            + (f": write `ignore=[{ignore!r}]`." if isinstance(ignore, str) else "."))
+        else:
+            unknown = [c for c in ignore if c not in CODES]
+            if unknown:
+                problems.append(f"Unknown finding code(s) in `ignore`: {', '.join(map(repr, unknown))}. "
+                                f"Valid codes: {', '.join(CODES)}.")
+        if report_path is not None and not isinstance(report_path, (str, os.PathLike)):
+            problems.append(f"Expected `report_path` to be a file path (str or os.PathLike) or None but got "
+                            f"{report_path!r}.")
+        elif report_path is not None and Path(report_path).is_dir():
+            problems.append(f"Expected `report_path` to be a file path but {str(report_path)!r} is a directory: "
+                            f"`report_path={os.path.join(str(report_path), 'modecheck.json')!r}`.")
+        if problems:
+            call = ", ".join(f"{k}={v!r}" for k, (v, default) in given.items() if _differs(v, default))
+            raise ValueError(f"`ModeCheck({call})` is not valid. " + " ".join(problems))
+
+        self.on_violation = on_violation
+        self.allow_train_mode = tuple(allow_train_mode)
+        self.allow_eval_mode = tuple(allow_eval_mode)
+        self.allow_grad = allow_grad
+        self.ignore = frozenset(ignore)
+        self.probe = probe
+        self.report_path = report_path
+        self.verbose = verbose
+
+        self.findings: list[Finding] = []
+        self._counts: Counter[tuple[str, str, str]] = Counter()
+        self._boundaries: Counter[str] = Counter()
+        self._pending: list[Finding] = []
+        self._stage = ""
+        self._trainer: pl.Trainer | None = None
+        self._module: pl.LightningModule | None = None
+        self._installed: list[tuple[Any, str, object]] = []
+        self._disabled = False
+        self._eval: _EvalRun | None = None
+        self._restore_hooked: set[str] = set()
+        self._train_epoch_first = False
+        self._train_reopen = False
+        self._metrics: dict[str, _MetricTrack] = {}
+        self._metric_objects: dict[str, nn.Module] = {}
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Lightning hooks: one to three lines each, the work is in the helpers below.
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._start_run(trainer, pl_module, stage)
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._end_run(status="finished")
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._end_run(status="interrupted")
+
+    @override
+    def on_sanity_check_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._finish_pending_eval("on_sanity_check_end")
+        self._sync("on_sanity_check_end")
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._train_epoch_first = True
+
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        self._check_train_batch()
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._close_train_epoch()
+        self._sync("on_train_epoch_end")
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._sync("on_train_end")
+
+    @override
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._ensure_eval("validation", "on_validation_start")
+
+    @override
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._ensure_eval("test", "on_test_start")
+
+    @override
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._ensure_eval("predict", "on_predict_start")
+
+    @override
+    def on_validation_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                                  batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._check_eval_batch("on_validation_batch_start", start=True)
+
+    @override
+    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                                batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._check_eval_batch("on_validation_batch_end", start=False)
+
+    @override
+    def on_test_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int,
+                            dataloader_idx: int = 0) -> None:
+        self._check_eval_batch("on_test_batch_start", start=True)
+
+    @override
+    def on_test_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                          batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._check_eval_batch("on_test_batch_end", start=False)
+
+    @override
+    def on_predict_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int,
+                               dataloader_idx: int = 0) -> None:
+        self._check_eval_batch("on_predict_batch_start", start=True)
+
+    @override
+    def on_predict_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                             batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._check_eval_batch("on_predict_batch_end", start=False)
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Run lifecycle
+
+    def _start_run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._uninstall()
+        self.findings, self._counts, self._boundaries, self._pending = [], Counter(), Counter(), []
+        self._stage, self._trainer, self._module = str(getattr(stage, "value", stage)), trainer, pl_module
+        self._disabled, self._eval, self._restore_hooked = False, None, set()
+        self._train_epoch_first = self._train_reopen = False
+        self._metrics, self._metric_objects = {}, {}
+        with self._guard("setup"):
+            self._install(trainer, pl_module, self._stage)
+
+    def _end_run(self, status: str) -> None:
+        if self._trainer is None:  # hooks called twice (teardown after on_exception) or never set up
+            return
+        if not self._disabled:
+            with self._guard("teardown"):
+                self._finish_pending_eval("teardown")
+        self._uninstall()
+        trainer, self._trainer, self._module, self._eval = self._trainer, None, None, None
+        if self.report_path is not None:
+            self._write_report(trainer, status)
+        if self.verbose and status == "finished" and trainer.is_global_zero:
+            print(self.summary())
+
+    def summary(self) -> str:
+        """Describe the run so far: boundaries checked and findings by code, as a small table.
+
+        Example:
+            >>> print(ModeCheck().summary())
+            ModeCheck: 0 boundaries checked, no findings.
+
+        """
+        total = sum(self._boundaries.values())
+        where = f" ({self._stage})" if self._stage else ""
+        if not self.findings:
+            return f"ModeCheck{where}: {total} boundaries checked, no findings."
+        by_code: dict[str, list[Finding]] = {}
+        for f in self.findings:
+            by_code.setdefault(f.code, []).append(f)
+        rows = [("code", "title", "seen", "modules")]
+        for code in sorted(by_code):
+            fs = by_code[code]
+            seen = sum(self._counts[f.key] for f in fs)
+            modules = ", ".join(dict.fromkeys(f.module for f in fs))
+            rows.append((code, CODES.get(code, ""), str(seen), modules if len(modules) <= 60 else modules[:57] + "..."))
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        lines = [f"ModeCheck{where}: {total} boundaries checked, {len(self.findings)} distinct "
+                 f"finding{'s' if len(self.findings) != 1 else ''}:"]
+        for i, row in enumerate(rows):
+            lines.append("  " + "  ".join(c.ljust(w) if j != 2 else c.rjust(w) for j, (c, w) in
+                                          enumerate(zip(row, widths, strict=True))).rstrip())
+            if i == 0:
+                lines.append("  " + "  ".join("-" * w for w in widths))
+        return "\n".join(lines)
+
+    def _write_report(self, trainer: pl.Trainer, status: str) -> None:
+        assert self.report_path is not None
+        path = str(self.report_path)
+        if "{rank}" in path:
+            path = path.replace("{rank}", str(trainer.global_rank))
+        elif not trainer.is_global_zero:
+            return
+        report = {
+            "version": _REPORT_VERSION,
+            "stage": self._stage,
+            "status": status,
+            "rank": trainer.global_rank,
+            "world_size": trainer.world_size,
+            "boundaries_checked": dict(sorted(self._boundaries.items())),
+            "total_boundaries": sum(self._boundaries.values()),
+            "findings": [{**f.to_dict(), "count": self._counts[f.key]} for f in self.findings],
+        }
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(report, indent=2) + "\n")
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Reporting
+
+    def _report(self, findings: Sequence[Finding]) -> None:
+        for f in findings:
+            if f.code in self.ignore:
+                continue
+            self._counts[f.key] += 1
+            if self._counts[f.key] > 1:
+                continue
+            self.findings.append(f)
+            if self.on_violation == "warn":
+                rank_zero_warn(f.message, category=ModeCheckWarning)
+            elif self._world_size() > 1:
+                self._pending.append(f)  # raised together with the other ranks at the next `_sync`
+            else:
+                raise ModeCheckError(f.message, [f])
+
+    def _world_size(self) -> int:
+        return self._trainer.world_size if self._trainer is not None else 1
+
+    def _sync(self, boundary: str) -> None:
+        """Under DDP with ``"raise"``: all ranks learn whether any rank has a finding, and all raise together.
+
+        Called at boundaries that every rank passes in the same order, also after the callback disabled itself,
+        so that no rank waits for a collective the others never join.
+        """
+        if self.on_violation != "raise" or self._trainer is None or self._world_size() <= 1:
+            return
+        local = bool(self._pending)
+        if not self._trainer.strategy.reduce_boolean_decision(local, all=False):
+            return
+        pending, self._pending = self._pending, []
+        if pending:
+            raise ModeCheckError(pending[0].message, pending)
+        raise ModeCheckError(
+            f"ModeCheck: another rank reported a finding at {boundary}; this rank stops with it (see that rank's "
+            "error for the finding).", [])
+
+    @contextmanager
+    def _guard(self, where: str) -> Iterator[None]:
+        """Run the callback's own bookkeeping; an internal error disables the checks instead of crashing training.
+
+        The checks only read the model (the probe restores what it touches in ``finally`` blocks), so stopping them
+        midway leaves the user's model and state as they were.
+        """
+        try:
+            yield
+        except ModeCheckError:
+            raise
+        except Exception as err:
+            if self._disabled:
+                return
+            self._disabled = True
+            if self._eval is not None:
+                self._remove_probe(self._eval)
+            self._eval = None
+            rank_zero_warn(
+                f"ModeCheck internal error in `{where}` ({type(err).__name__}: {err}); ModeCheck is disabled for the "
+                "rest of this run. Your model and training are unaffected; please report this error.",
+                category=ModeCheckWarning,
+            )
+
+    def _count(self, boundary: str) -> None:
+        self._boundaries[boundary] += 1
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Wrapping the LightningModule's and other callbacks' hooks
+
+    def _install(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        trusted = _trusted_callback_types()
+        for s in _STAGES_OF.get(stage, ()):
+            self._wrap(pl_module, f"on_{s}_model_eval", functools.partial(self._begin_eval, s), None)
+            if s != "predict" and is_overridden(f"on_{s}_model_train", pl_module):
+                self._restore_hooked.add(s)
+                self._wrap(pl_module, f"on_{s}_model_train", None, functools.partial(self._check_restore, s), sync=True)
+            callbacks: list[Callback] = getattr(trainer, "callbacks", [])
+            owners: list[tuple[object, str, bool]] = [
+                (cb, type(cb).__name__, isinstance(cb, trusted)) for cb in callbacks
+                if cb is not self and (isinstance(cb, trusted) or not _is_lightning_readonly(cb))
+            ]
+            owners.append((pl_module, type(pl_module).__name__, False))
+            for hook in (f"on_{s}_start", f"on_{s}_epoch_start", f"on_{s}_epoch_end", f"on_{s}_end"):
+                for owner, name, is_trusted in owners:
+                    parent = pl.LightningModule if owner is pl_module else Callback
+                    if is_overridden(hook, owner, parent=parent):
+                        label = f"{name}.{hook}"
+                        self._wrap(owner, hook, functools.partial(self._mark, before=label),
+                                   functools.partial(self._mark, after=label, trusted=is_trusted))
+            # After the LightningModule's `on_{s}_end` every evaluation hook has run and logged metrics are not
+            # reset yet: the end of the evaluation for content and metric counts.
+            self._wrap(pl_module, f"on_{s}_end", None, functools.partial(self._finish_eval, f"on_{s}_end"), sync=True)
+
+    def _wrap(self, owner: object, name: str, before: Callable[[], None] | None,
+              after: Callable[[], None] | None, sync: bool = False) -> None:
+        """Put a wrapper around ``owner.<name>`` as an instance attribute; several wrappers nest.
+
+        The wrapper is a plain function (``copy.deepcopy`` shares it, so ``EMAWeightAveraging``'s copy of the module
+        does not copy the callback). The user's hook runs unchanged and its exceptions pass through untouched.
+        """
+        original = getattr(owner, name)
+        check = self
+
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            if before is not None and not check._disabled:
+                with check._guard(name):
+                    before()
+            out = original(*args, **kwargs)
+            if after is not None and not check._disabled:
+                with check._guard(name):
+                    after()
+            if sync:
+                check._sync(name)
+            return out
+
+        wrapper.__wrapped__ = original  # type: ignore[attr-defined]
+        setattr(wrapper, _WRAPPED, True)
+        self._installed.append((owner, name, owner.__dict__.get(name, _MISSING)))
+        object.__setattr__(owner, name, wrapper)
+
+    def _uninstall(self) -> None:
+        """Put back every wrapped attribute, innermost last, exactly as it was (also a user's own attribute)."""
+        for owner, name, previous in reversed(self._installed):
+            if previous is _MISSING:
+                owner.__dict__.pop(name, None)
+            else:
+                object.__setattr__(owner, name, previous)
+        self._installed = []
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Evaluation
+
+    def _phase(self, stage: str) -> str:
+        return "sanity_check" if self._trainer is not None and self._trainer.sanity_checking else stage
+
+    def _begin_eval(self, stage: str, boundary: str = "") -> None:
+        """Baseline: every submodule's mode, ``requires_grad``, and the content, right before ``.eval()``."""
+        assert self._module is not None
+        # A validation inside fit interrupts the training epoch: the metrics' train segment ends here.
+        self._metrics_close("train", epoch_end=False)
+        self._train_reopen = True
+        baseline = take_snapshot(self._module, content=True, grads=True)
+        self._eval = _EvalRun(stage, self._phase(stage), baseline,
+                              ModeIndex(self._module, self.allow_train_mode), [_Mark(baseline)])
+        self._count(boundary or f"on_{stage}_model_eval")
+
+    def _ensure_eval(self, stage: str, boundary: str) -> None:
+        """Fallback baseline when the ``on_{stage}_model_eval`` wrapper did not run (the hook was replaced)."""
+        with self._guard(boundary):
+            if self._eval is None or self._eval.finished or self._eval.stage != stage:
+                self._begin_eval(stage, boundary)
+
+    def _mark(self, before: str = "", after: str = "", trusted: bool = False) -> None:
+        run = self._eval
+        if run is None or run.finished or self._module is None:
+            return
+        if before and not run.dirty:
+            return  # nothing ran since the last mark: it is this hook's "before"
+        run.marks.append(_Mark(take_snapshot(self._module, content=True, grads=True), after, trusted, run.batches))
+        run.dirty = False
+
+    def _check_eval_batch(self, boundary: str, start: bool) -> None:
+        if self._disabled:
+            return
+        with self._guard(boundary):
+            run = self._eval
+            if run is None or run.finished:
+                return
+            if start:
+                run.dirty = True
+                if run.batches == 0:
+                    self._metrics_open(run.stage, run.index)
+                    if self.probe:
+                        self._probe_capture(run)
+                run.batches += 1
+            self._count(boundary)
+            findings = check_eval_state(run.index, phase=run.phase, boundary=boundary, allow_grad=self.allow_grad)
+            if not start and run.probe_calls is not None:
+                findings += self._probe_run(run)
+            self._report(findings)
+
+    def _finish_eval(self, boundary: str) -> None:
+        """End of an evaluation: compare content (and ``requires_grad`` without a restore override) to the baseline."""
+        run = self._eval
+        if run is None or run.finished or self._module is None:
+            return
+        run.finished = True
+        self._remove_probe(run)
+        if run.dirty or len(run.marks) == 1:
+            run.marks.append(_Mark(take_snapshot(self._module, content=True, grads=True), batches=run.batches))
+        end = run.marks[-1].snapshot
+        self._count(boundary)
+        findings = [f for f in compare(run.baseline, end, phase=run.phase, boundary=boundary,
+                                       allow_train_mode=self.allow_train_mode) if f.code != "LV205"]
+        if run.stage in self._restore_hooked:
+            findings = [f for f in findings if f.code != "LV203"]  # compared after the restore override instead
+        findings = [f for f in findings if not (f.code == "LV202" and matches_any(_owner(f.module),
+                                                                                    self.allow_train_mode))]
+        if findings:
+            findings = self._attribute(run, findings)
+        self._metrics_close(run.stage, epoch_end=True)
+        self._report(findings)
+
+    def _finish_pending_eval(self, boundary: str) -> None:
+        if self._eval is not None and not self._eval.finished:
+            self._finish_eval(boundary)
+
+    def _attribute(self, run: _EvalRun, findings: list[Finding]) -> list[Finding]:
+        """Name the hook that made each change; drop changes made only by trusted callbacks (EMA swap, pruning)."""
+        segments: list[tuple[str, bool, list[Finding]]] = []
+        for a, b in itertools.pairwise(run.marks):
+            if a.snapshot is b.snapshot:
+                continue
+            label = b.after_hook or ("the evaluation steps" if b.batches > a.batches else "")
+            found = [f for f in compare(a.snapshot, b.snapshot, phase=run.phase) if f.code not in ("LV203", "LV205")]
+            segments.append((label, b.trusted and bool(b.after_hook), found))
+        kept: list[Finding] = []
+        for f in findings:
+            hits = [(label, trusted) for label, trusted, found in segments
+                    if any(g.code == f.code and _overlaps(g.module, f.module) for g in found)]
+            if hits and all(trusted for _, trusted in hits):
+                continue
+            labels = list(dict.fromkeys(label for label, trusted in hits if not trusted and label))
+            if labels:
+                made = ", ".join(f"`{x}`" if x != "the evaluation steps" else
+                                 f"{run.stage}_step or a batch hook" for x in labels)
+                f = replace(f, detail="; ".join(x for x in (f.detail, f"changed in {made}") if x))
+            kept.append(f)
+        return kept
+
+    def _check_restore(self, stage: str) -> None:
+        """After the LightningModule's ``on_{stage}_model_train`` override: modes and flags as before ``.eval()``."""
+        run = self._eval
+        if run is None or self._module is None:
+            return
+        self._count(f"on_{stage}_model_train")
+        after = take_snapshot(self._module, content=False, grads=False)
+        findings = [f for f in compare(run.baseline, after, phase=run.phase, boundary=f"on_{stage}_model_train",
+                                       allow_train_mode=self.allow_train_mode) if f.code in ("LV203", "LV205")]
+        detail = f"made by `{type(self._module).__name__}.on_{stage}_model_train`"
+        self._report([replace(f, detail="; ".join(x for x in (f.detail, detail) if x)) for f in findings])
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Probe (LV103)
+
+    def _probe_capture(self, run: _EvalRun) -> None:
+        """Record the first call of the LightningModule and of each direct child during the first batch."""
+        assert self._module is not None
+        if run.index.any_in_train_mode():
+            return  # a submodule in train mode (reported as LV101) would update its state if run again
+        calls: dict[str, tuple[nn.Module, tuple[Any, ...], dict[str, Any]]] = {}
+        run.probe_calls = calls
+        targets = [("", self._module), *((n, m) for n, m in self._module.named_children() if not _is_metric(m))]
+        for name, module in targets:
+            def hook(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], name: str = name) -> None:
+                if name not in calls:
+                    calls[name] = (mod, _detach_clone(args), _detach_clone(kwargs))
+            run.probe_handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+
+    def _remove_probe(self, run: _EvalRun) -> None:
+        for handle in run.probe_handles:
+            handle.remove()
+        run.probe_handles = []
+
+    def _probe_run(self, run: _EvalRun) -> list[Finding]:
+        """Run each recorded call twice; differing outputs mean randomness in eval mode."""
+        self._remove_probe(run)
+        calls, run.probe_calls = run.probe_calls or {}, None
+        if not calls or self._module is None:
+            return []
+        self._count("probe")
+        allowed = [m for n, m in zip(run.index.names, run.index.modules, strict=True)
+                   if self.allow_train_mode and matches_any(n, self.allow_train_mode)]
+        differing: list[tuple[str, str]] = []
+        with _preserved_state(allowed) as replay:
+            for name, (module, args, kwargs) in calls.items():
+                replay.record()
+                first = module(*args, **kwargs)
+                replay.replay()
+                second = module(*args, **kwargs)
+                diff = _difference(first, second)
+                if diff is not None:
+                    differing.append((name, diff))
+        children = [(n, d) for n, d in differing if n]
+        return [Finding(
+            "LV103", display_name(name), run.phase, f"on_{run.stage}_batch_end (probe)",
+            "the same output for the same batch run twice in eval mode", f"outputs differ ({diff})",
+            "make randomness follow the mode: `F.dropout(x, p, training=self.training)` or an `nn.Dropout` module "
+            "instead of `training=True`; if the randomness is intended (MC dropout, sampling), allow the module: "
+            f"`allow_train_mode=[{display_name(name)!r}]`, or `ignore=['LV103']`",
+        ) for name, diff in (children or differing)]
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Training
+
+    def _check_train_batch(self) -> None:
+        if self._disabled or self._module is None:
+            return
+        with self._guard("on_train_batch_start"):
+            self._count("on_train_batch_start")
+            if self._train_epoch_first:
+                self._train_epoch_first = self._train_reopen = False
+                index = ModeIndex(self._module)
+                self._report(check_train_state(index, boundary="on_train_batch_start (first of the epoch)",
+                                               allow_eval_mode=self.allow_eval_mode))
+                self._metrics_open("train", index, epoch_start=True)
+                return
+            if self._train_reopen:
+                self._train_reopen = False
+                self._metrics_open("train", None, epoch_start=False)
+            if not torch.is_grad_enabled():
+                self._report(check_train_state(self._module, boundary="on_train_batch_start",
+                                               allow_eval_mode=self.allow_eval_mode)[:1])
+
+    def _close_train_epoch(self) -> None:
+        if self._disabled:
+            return
+        with self._guard("on_train_epoch_end"):
+            self._finish_pending_eval("on_train_epoch_end")
+            self._metrics_close("train", epoch_end=True)
+
+    # ----------------------------------------------------------------------------------------------------------
+    # torchmetrics objects (LV401, LV402)
+
+    def _discover_metrics(self, index: ModeIndex) -> None:
+        found: dict[str, nn.Module] = {}
+        inside: list[str] = []
+        for name, module in zip(index.names, index.modules, strict=True):
+            if _is_metric(module) and not any(name.startswith(p + ".") for p in inside):
+                found[name] = module
+                inside.append(name)
+        self._metric_objects = found
+        for name in found:
+            self._metrics.setdefault(name, _MetricTrack())
+
+    def _metrics_open(self, stage: str, index: ModeIndex | None, epoch_start: bool = True) -> None:
+        """Record update counts when a stage's batches start; at an epoch's start, a count carried over is LV402."""
+        if index is not None:  # metrics may be created late (in `setup` or `configure_model`): look again
+            self._discover_metrics(index)
+        self._count(f"metrics ({stage} start)")
+        for name, metric in self._metric_objects.items():
+            track, count = self._metrics[name], _update_count(metric)
+            carried = count > 0 and count == track.closed_at and not track.moved_since_close
+            if epoch_start and carried and track.last_stage == stage:
+                self._report([Finding(
+                    "LV402", name, self._phase(stage) if stage != "train" else "train",
+                    f"first {stage} batch", "the update count back at 0 (reset) at the start of each epoch",
+                    f"{count} updates carried over from the previous epoch",
+                    f"call `self.{name}.reset()` after `self.{name}.compute()` at the end of each epoch, or log the "
+                    f"object itself (`self.log('...', self.{name})`) so that Lightning resets it",
+                )])
+            track.opened_at, track.open_stage = count, stage
+
+    def _metrics_close(self, stage: str, epoch_end: bool) -> None:
+        """Note which stage updated each metric since it opened; one object updated in two stages is LV401."""
+        for name, metric in self._metric_objects.items():
+            track, count = self._metrics[name], _update_count(metric)
+            if track.open_stage == stage and count != track.opened_at and count > 0:
+                track.stages.add(stage)
+                track.last_stage, track.moved_since_close = stage, True
+                if len(track.stages) > 1:
+                    stages = " and ".join(sorted(track.stages))
+                    self._report([Finding(
+                        "LV401", name, self._phase(stage) if stage != "train" else "train", f"end of {stage}",
+                        "one metric object per stage", f"the same object updated in {stages}",
+                        f"use one instance per stage: `self.train_{name} = metric.clone()`, `self.val_{name} = "
+                        "metric.clone()` (a `MetricCollection(...).clone(prefix='val_')` for collections)",
+                    )])
+            track.open_stage = None
+            if epoch_end and track.last_stage == stage:
+                track.closed_at, track.moved_since_close = count, False
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _differs(value: object, default: object) -> bool:
+    try:
+        return bool(value != default)
+    except Exception:  # an argument whose `!=` is not a plain bool (an array): show it
+        return True
+
+
+def _owner(name: str) -> str:
+    return name.rpartition(".")[0]
+
+
+def _overlaps(a: str, b: str) -> bool:
+    """Whether two reported names cover a common tensor: equal, or one a dotted prefix of the other."""
+    if a == b or "<model>" in (a, b):
+        return True
+    return a.startswith(b + ".") or b.startswith(a + ".")
+
+
+def _is_metric(module: nn.Module) -> bool:
+    metric = sys.modules.get("torchmetrics")
+    return metric is not None and isinstance(module, metric.Metric)
+
+
+def _update_count(metric: nn.Module) -> int:
+    count = getattr(metric, "_update_count", 0)
+    return count if isinstance(count, int) else 0
+
+
+def _detach_clone(value: Any) -> Any:
+    """Copy tensors in nested inputs so that an in-place change by the step does not change the probe's input."""
+    if isinstance(value, Tensor):
+        return value.detach().clone()
+    if isinstance(value, dict):
+        return {k: _detach_clone(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        items = [_detach_clone(v) for v in value]
+        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
+    return value
+
+
+def _tensors(value: Any) -> list[Tensor]:
+    if isinstance(value, Tensor):
+        return [value]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _tensors(v)]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors(v)]
+    return []
+
+
+def _difference(a: Any, b: Any) -> str | None:
+    """``None`` when two outputs are equal within float tolerance, else a short description of the difference."""
+    ta, tb = _tensors(a), _tensors(b)
+    if len(ta) != len(tb):
+        return f"{len(ta)} vs {len(tb)} tensors"
+    for x, y in zip(ta, tb, strict=True):
+        if x.shape != y.shape:
+            return f"shapes {tuple(x.shape)} vs {tuple(y.shape)}"
+        if x.is_floating_point() or x.is_complex():
+            if not torch.allclose(x, y, rtol=1e-4, atol=1e-6, equal_nan=True):
+                return f"max abs difference {float((x - y).abs().max()):.3g}"
+        elif not torch.equal(x, y):
+            return "integer outputs differ"
+    return None
+
+
+class _Replay:
+    """Makes modules allowed to be random (MC dropout) give their first output again on the second run."""
+
+    def __init__(self, modules: list[nn.Module]) -> None:
+        self.modules = modules
+        self.outputs: dict[int, list[Any]] = {}
+        self.replaying = False
+        self.position: dict[int, int] = {}
+
+    def hook(self, module: nn.Module, args: Any, output: Any) -> Any:
+        key = id(module)
+        if self.replaying:
+            i = self.position.get(key, 0)
+            self.position[key] = i + 1
+            recorded = self.outputs.get(key, [])
+            return recorded[i] if i < len(recorded) else output
+        self.outputs.setdefault(key, []).append(output)
+        return output
+
+    def record(self) -> None:
+        self.outputs, self.position, self.replaying = {}, {}, False
+
+    def replay(self) -> None:
+        self.position, self.replaying = {}, True
+
+
+@contextmanager
+def _preserved_state(allowed: list[nn.Module]) -> Iterator[_Replay]:
+    """Random number generators and allowed modules' flags come back exactly as they were, whatever happens."""
+    cpu_rng = torch.random.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    flags = [m.training for m in allowed]
+    replay = _Replay(allowed)
+    handles = [m.register_forward_hook(replay.hook) for m in allowed]
+    try:
+        for m in allowed:  # allowed train-mode modules run in eval for the probe: no state updates, less randomness
+            m.training = False
+        yield replay
+    finally:
+        for h in handles:
+            h.remove()
+        for m, flag in zip(allowed, flags, strict=True):
+            m.training = flag
+        torch.random.set_rng_state(cpu_rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
