@@ -119,7 +119,8 @@ def validate(
             ``step`` does not return ``(outputs, target)``, the criterion does not return a tensor, or a metric
             computes something other than a scalar.
         ValueError: if neither ``criterion`` nor ``metrics`` is given, a metric is named ``"loss"`` next to a
-            criterion, the dataloader yields no batch, or the criterion returns a non-scalar.
+            criterion, two results share a name, the dataloader yields no batch, or the criterion returns a
+            non-scalar.
 
     """
     collection, metric_list = _check_metrics(metrics, with_criterion=criterion is not None)
@@ -145,13 +146,13 @@ def validate(
     for root in roots:
         root.to(target_device)
     saved = _save_states(roots)
-    for root in roots:
-        root.reset()
-    named: list[tuple[str | None, Any]] = (
-        [(None, collection)] if collection is not None else list(metric_list)
-    )
-    bar = tqdm(total=_num_samples(dataloader), desc=desc, unit=" samples") if progress else None
+    named: list[tuple[str | None, Any]] = [(None, collection)] if collection is not None else list(metric_list)
+    bar = None
     try:
+        for root in roots:
+            root.reset()  # outside inference mode, so the fresh states are normal tensors
+        if progress:
+            bar = tqdm(total=_num_samples(dataloader), desc=desc, unit=" samples")
         with evaluating(model, inference_mode=step is None):
             loss_sum, seen = _run(model, dataloader, criterion, named, step, target_device, bar)
             values = _values(loss_sum, seen, named)

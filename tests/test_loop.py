@@ -516,3 +516,12 @@ def test_loss_is_nan_when_the_model_gives_nan() -> None:
     x[3] = math.nan
     result = validate(mlp(), loader(x, y, 4), criterion=nn.CrossEntropyLoss(), progress=False)
     assert math.isnan(result["loss"])
+
+
+def test_error_two_results_with_one_name() -> None:
+    def wrapped() -> ClasswiseWrapper:
+        return ClasswiseWrapper(MulticlassAccuracy(num_classes=2, average=None), labels=["a", "b"])
+
+    with pytest.raises(ValueError, match=r"Expected unique result names but two results are named "
+                                         r"'multiclassaccuracy_a'\. Rename a metric\."):
+        validate(mlp(classes=2), [data(4, classes=2)], metrics={"x": wrapped(), "y": wrapped()}, progress=False)
