@@ -89,7 +89,10 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
     model = make_model()
@@ -130,7 +133,8 @@ def main() -> None:
     median = {name: statistics.median(ts) for name, ts in times.items()}
     print(f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, lightning {lightning.__version__}, "
           f"torchmetrics {torchmetrics.__version__}, Python {platform.python_version()}; "
-          f"batch {args.batch_size}, {args.batches} batches, median of {args.repeats}\n")
+          f"{torch.get_num_threads()} torch threads; batch {args.batch_size}, {args.batches} batches, "
+          f"median of {args.repeats}; load average before: {os.getloadavg()[0]:.2f}\n")
     print("| variant | ms/batch | ratio to the floor | ratio to the bare loop doing the same work |")
     print("|---|---|---|---|")
     row = {name: i + 1 for i, name in enumerate(variants)}

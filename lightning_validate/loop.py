@@ -68,10 +68,12 @@ def validate(
     Batches of the form ``(inputs, target)`` (a tuple or list of two) work as they are: ``outputs = model(inputs)``.
     Any other batch (a dict, extra fields, several inputs) goes through ``step(batch, model) -> (outputs, target)``;
     ``validate()`` then computes the loss with ``criterion(outputs, target)`` and updates every metric with
-    ``metric.update(outputs, target)``, so a step only says how a batch feeds the model, never how to average::
+    ``metric.update(outputs, target)``, so a step only says how a batch feeds the model, never how to average:
 
-        validate(model, loader, criterion=nn.CrossEntropyLoss(),
-                 step=lambda batch, model: (model(batch["image"]), batch["label"]))
+    ```python
+    validate(model, loader, criterion=nn.CrossEntropyLoss(),
+             step=lambda batch, model: (model(batch["image"]), batch["label"]))
+    ```
 
     The model runs under :func:`~lightning_validate.evaluating`: every submodule in eval mode, and afterwards, also
     when a batch raises, each submodule gets back its own mode (a frozen BatchNorm stays frozen) and grad mode is
