@@ -1,0 +1,74 @@
+"""The examples run end to end, and the README's Quickstart is what `.ci/run` executes.
+
+The scripts run as a user runs them (a subprocess, `python examples/<name>.py`), so their own warning filters and
+output are what is tested.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+
+
+def _run(*args: str, timeout: float = 120) -> str:
+    proc = subprocess.run(
+        [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"{args} exited {proc.returncode}:\n{out[-4000:]}"
+    return out
+
+
+def _quickstart_commands() -> list[str]:
+    """The commands between the README markers, read the way `.ci/run` reads them."""
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"<!-- quickstart:begin -->\n(.*?)<!-- quickstart:end -->", text, re.S)
+    assert block, "README.md lost its <!-- quickstart:begin/end --> markers, which .ci/run reads"
+    return [
+        line.strip() for line in block.group(1).splitlines()
+        if line.strip() and not line.strip().startswith(("```", "<!--"))
+    ]
+
+
+def test_readme_quickstart_is_two_commands_run_by_ci() -> None:
+    commands = _quickstart_commands()
+    assert len(commands) == 2, commands
+    assert "torch==2.13.0" in commands[0]
+    assert "python examples/digits.py" in commands[0]
+    assert "python -m pytest" in commands[1]
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "quickstart:begin" in ci and "quickstart:end" in ci
+    assert "mkdocs build --strict" in ci and "ruff check ." in ci and "mypy" in ci
+
+
+def test_catch_a_bug_reports_the_unfrozen_batchnorm_with_its_fix() -> None:
+    out = _run(str(EXAMPLES / "catch_a_bug.py"))
+    assert "LV205" in out, out
+    assert "`backbone`" in out, out  # the frozen block, by its qualified name
+    assert "statistics changed by training: YES" in out and "statistics changed by training: no" in out, out
+    assert "on_validation_model_train" in out, out  # the fix names the override to remove
+    assert "findings: buggy " in out and ", fixed 0" in out, out
+    assert not re.search(r"findings: buggy 0,", out), out
+
+
+def test_digits_fast_run_writes_logs_plot_and_reports_test_accuracy(tmp_path: Path) -> None:
+    out = _run(str(EXAMPLES / "digits.py"), "--fast", "--no-progress-bar", "--out", str(tmp_path))
+    log_dir = tmp_path / "logs" / "version_0"
+    metrics_csv = log_dir / "metrics.csv"
+    plot = log_dir / "curves.png"
+    assert metrics_csv.is_file(), out
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with metrics_csv.open(newline="") as f:
+        columns = set(csv.DictReader(f).fieldnames or [])
+    assert {"train/loss", "train/acc", "val/loss", "val/acc"} <= columns
+    acc = re.search(r"^acc\s+(\d\.\d+)\s+(\d\.\d+)$", out, re.M)
+    assert acc, out
+    val_acc, test_acc = map(float, acc.groups())
+    assert 0.5 < val_acc <= 1 and 0.5 < test_acc <= 1  # 2 epochs; the full run reaches ~0.97
+    assert "ModeCheck: clean" in out, out
