@@ -1,0 +1,700 @@
+"""``ValidationMixin``: the validation and test steps users write by hand, exact and without a sync per batch.
+
+The documented Lightning idiom logs a torchmetrics object from every step (``self.log("val/acc", self.acc)``).
+It is correct on one process but costs a Python round trip through the logger per batch, reads the loss back
+to the host when it is on the progress bar, counts the samples ``DistributedSampler`` repeats under DDP, and
+shows nothing on the validation bar. The mixin accumulates on the device, reads back once per epoch (and a few
+times per second for the bar), drops the repeated samples, and logs ``val/loss`` and ``val/<metric>`` once.
+
+Example:
+    >>> import lightning.pytorch as pl
+    >>> import torch
+    >>> from torch import nn
+    >>> from torch.utils.data import DataLoader, TensorDataset
+    >>> class LitClassifier(ValidationMixin, pl.LightningModule):
+    ...     num_classes = 3
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.net = nn.Linear(4, 3)
+    ...         self.criterion = nn.CrossEntropyLoss()
+    ...     def forward(self, x):
+    ...         return self.net(x)
+    >>> data = TensorDataset(torch.randn(10, 4), torch.randint(0, 3, (10,)))
+    >>> trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False,
+    ...                      enable_model_summary=False)
+    >>> results = trainer.validate(LitClassifier(), DataLoader(data, batch_size=4), verbose=False)
+    >>> sorted(results[0])
+    ['val/acc', 'val/loss']
+
+"""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor, nn
+from torchmetrics import Metric
+from typing_extensions import override
+
+from lightning_validate.metrics import (
+    LossAccumulator,
+    PaddingFilter,
+    TargetRange,
+    batch_size_of,
+    check_metrics,
+    default_metrics,
+    local_value,
+    real_samples,
+    take_first,
+)
+from lightning_validate.progress import DEFAULT_INTERVAL, Throttle, format_postfix
+
+__all__ = ["ValidationMixin"]
+
+Stage = Literal["train", "val", "test"]
+
+# The mixin sits before LightningModule in the user's bases. Type checkers see LightningModule's attributes
+# (self.log, self.trainer, ...) through this base; at run time it is a plain object, so the mixin adds nothing
+# to the MRO but its own methods.
+if TYPE_CHECKING:
+    _Base = pl.LightningModule
+else:
+    _Base = object
+
+#: The metric objects made by the default ``configure_metrics`` (whose input shapes the mixin checks itself).
+_DEFAULTS: weakref.WeakSet[Metric] = weakref.WeakSet()
+
+_HOOK_STAGE = {"train": "train", "val": "validation", "test": "test"}
+_SETUP_STAGES: dict[str, tuple[Stage, ...]] = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}
+
+
+@dataclass
+class _Loader:
+    """Per-dataloader accumulators of one epoch."""
+
+    loss: LossAccumulator
+    targets: TargetRange | None
+    padding: PaddingFilter
+    metrics: list[tuple[str, Metric]]
+    suffix: str
+    throttle: Throttle
+
+
+@dataclass
+class _Epoch:
+    """One open epoch of one stage."""
+
+    loaders: list[_Loader]
+    bar: Any = None  # the tqdm bar showing running values, or None
+    check_default: bool = False
+
+
+@dataclass
+class _State:
+    """The mixin's run-time state, kept in one plain attribute (not a submodule)."""
+
+    templates: dict[str, Metric] | None = None
+    num_classes: int | None = None
+    default_in_use: bool = False
+    epochs: dict[str, _Epoch] = field(default_factory=dict)
+    history: list[dict[str, float]] = field(default_factory=list)
+    pending: dict[str, float] = field(default_factory=dict)
+
+
+class ValidationMixin(_Base):
+    """Exact, sync-free validation and test steps: ``class LitModel(ValidationMixin, pl.LightningModule)``.
+
+    Contract. You write ``forward(inputs)`` and set ``self.criterion`` (or override ``compute_loss(outputs,
+    target)``); optionally ``configure_metrics()`` (default: micro accuracy when ``num_classes`` is an attribute
+    or in ``hparams``) and ``unpack_batch(batch) -> (inputs, target)`` (default: a 2-tuple or 2-list). The mixin
+    supplies ``validation_step``, ``test_step``, a default ``training_step``, ``setup`` and the
+    ``on_{train,validation,test}_epoch_{start,end}`` hooks. A method you define wins (your class comes first in
+    the MRO). If you override a step, call ``return self.update_metrics("val", self(x), y, dataloader_idx)`` in it
+    to keep the epoch metrics; if you override ``setup`` or an epoch hook, call ``super()`` in it.
+
+    What is logged, once per epoch: ``val/loss`` and ``val/<name>`` (``test/...``); with several dataloaders
+    ``val/<name>/dataloader_idx_<i>`` (Lightning's convention) or ``val/<name>/<your name>`` from
+    ``val_dataloader_names``. Training logs ``train/loss`` per step and, per epoch, ``train/loss_epoch`` and
+    ``train/<name>``. The loss is the exact per-sample mean; under DDP the samples ``DistributedSampler`` repeats
+    to pad the ranks are not counted. ``metrics_history`` keeps one record per training epoch of ``fit``
+    (``{"epoch": 0, "train/loss": ..., "val/acc": ...}``), without the sanity check and without
+    ``trainer.validate()``/``trainer.test()`` runs (those return their values).
+
+    Class attributes you may set:
+        on_bad_values: ``"warn"`` (default) or ``"raise"`` when an epoch had non-finite losses or targets
+            outside ``[0, num_classes)`` (counted on the device, reported once per epoch).
+        progress_interval: seconds between refreshes of the running values on Lightning's TQDM validation and
+            test bars (0.25). Each refresh reads the running values back from the device once.
+        val_dataloader_names, test_dataloader_names: one name per dataloader, used instead of
+            ``dataloader_idx_<i>``.
+        log_train_metrics: update the metrics in the default ``training_step`` too (``True``).
+    """
+
+    on_bad_values: Literal["warn", "raise"] = "warn"
+    progress_interval: float = DEFAULT_INTERVAL
+    val_dataloader_names: Sequence[str] | None = None
+    test_dataloader_names: Sequence[str] | None = None
+    log_train_metrics: bool = True
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        mro = cls.__mro__
+        if pl.LightningModule in mro and mro.index(pl.LightningModule) < mro.index(ValidationMixin):
+            raise TypeError(
+                f"`{cls.__name__}` lists `LightningModule` before `ValidationMixin`, so Lightning's empty steps "
+                f"would hide the mixin's. Put the mixin first: `class {cls.__name__}(ValidationMixin, "
+                "pl.LightningModule)`."
+            )
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Hooks for the user
+
+    def configure_metrics(self) -> Mapping[str, Metric] | Any:
+        """Return the metrics for every stage: a dict ``{name: Metric}`` or a ``MetricCollection``.
+
+        Called once; each stage (train, val, test) and each dataloader gets its own clone. Every metric must
+        compute a scalar. Default: ``{"acc": MulticlassAccuracy(num_classes, average="micro")}`` when
+        ``num_classes`` is known, else no metric (the loss is always logged).
+        """
+        metrics = default_metrics(self._lv_num_classes())
+        _DEFAULTS.update(metrics.values())  # so that shapes are checked for them, also via super()
+        return metrics
+
+    def compute_loss(self, outputs: Any, target: Any) -> Tensor:
+        """Return the loss of a batch: the batch mean (0-dim) or one value per sample. Default: ``self.criterion``."""
+        criterion = getattr(self, "criterion", None)
+        if criterion is None:
+            raise TypeError(_MISSING_CRITERION.format(name=type(self).__name__))
+        loss: Tensor = criterion(outputs, target)
+        return loss
+
+    def unpack_batch(self, batch: Any) -> tuple[Any, Any]:
+        """Split a batch into ``(inputs, target)``. Default: a tuple or list of two."""
+        if isinstance(batch, (tuple, list)) and len(batch) == 2:
+            return batch[0], batch[1]
+        raise TypeError(_unpack_error(batch))
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Steps
+
+    @override
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        """Forward, loss, metrics; log ``train/loss`` per step (not on the bar: that would read it back per step)."""
+        inputs, target = self.unpack_batch(batch)
+        outputs = self(inputs)
+        loss = self.update_metrics("train", outputs, target)
+        assert loss is not None  # training batches are never cut: only evaluation removes DDP padding
+        self.log("train/loss", loss.detach(), on_step=True, on_epoch=False, batch_size=batch_size_of(target))
+        return loss
+
+    @override
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor | None:
+        """Forward, loss and metrics of one validation batch; returns its loss."""
+        inputs, target = self.unpack_batch(batch)
+        return self.update_metrics("val", self(inputs), target, dataloader_idx)
+
+    @override
+    def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor | None:
+        """Forward, loss and metrics of one test batch; returns its loss."""
+        inputs, target = self.unpack_batch(batch)
+        return self.update_metrics("test", self(inputs), target, dataloader_idx)
+
+    def update_metrics(self, stage: Stage, outputs: Any, target: Any, dataloader_idx: int = 0) -> Tensor | None:
+        """Count one batch in ``stage``'s epoch values; return its loss (``None`` if it was all DDP padding).
+
+        Call it from your own step to keep the mixin's epoch metrics. No host-device sync: the loss and the
+        metrics accumulate on the device; the bar reads them back only when ``progress_interval`` has passed.
+        """
+        epoch = self._lv.epochs.get(stage)
+        if epoch is None or dataloader_idx >= len(epoch.loaders):
+            raise RuntimeError(_outside_epoch(stage, dataloader_idx, epoch is not None))
+        loader = epoch.loaders[dataloader_idx]
+        n = batch_size_of(target)
+        if n is None:
+            n = batch_size_of(outputs)
+            if n is None:
+                raise TypeError(f"Cannot tell the batch size: `target` is {_describe(target)}. {_UNPACK_HINT}")
+        keep = loader.padding.keep(n)
+        if keep < n:  # only a rank's last batch can hold DDP padding; cut it with plain ints, no mask
+            if keep == 0:
+                return None
+            outputs, target = take_first(outputs, n, keep), take_first(target, n, keep)
+        if isinstance(outputs, Tensor) and isinstance(target, Tensor) and outputs.shape[:1] != target.shape[:1]:
+            raise ValueError(_shape_error(outputs, target))
+        if epoch.check_default:
+            self._lv_check_default(outputs, target)
+        loss = self._lv_loss(outputs, target)
+        loader.loss.update(loss, keep)
+        if loader.targets is not None and isinstance(target, Tensor):
+            loader.targets.update(target)
+        for name, metric in loader.metrics:
+            try:
+                metric.update(outputs, target)
+            except (RuntimeError, ValueError, TypeError, IndexError) as err:
+                raise type(err)(_metric_error(f"{stage}/{name}{loader.suffix}", metric, outputs, target, err)) from err
+        if epoch.bar is not None and loader.throttle.due():
+            _show_running(epoch.bar, loader)
+        return loss if loss.ndim == 0 else loss.mean()
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Lightning hooks
+
+    @override
+    def setup(self, stage: str) -> None:
+        """Build the metrics before any loop runs, so they move with the model and exist before evaluation."""
+        super().setup(stage)
+        self._lv_configure()
+        stages: tuple[Stage, ...] = _SETUP_STAGES.get(stage, ())
+        for s in stages:
+            names = self._lv_names(s)
+            for i in range(max(1, len(names) if names else 1)):
+                self._lv_container(s, i)
+
+    @override
+    def on_train_epoch_start(self) -> None:
+        """Reset the training accumulators."""
+        super().on_train_epoch_start()
+        self._lv_begin("train")
+
+    @override
+    def on_train_epoch_end(self) -> None:
+        """Log ``train/loss_epoch`` and ``train/<name>``; append this epoch's record to ``metrics_history``."""
+        super().on_train_epoch_end()
+        values = self._lv_end("train")
+        record: dict[str, float] = {"epoch": float(self.trainer.current_epoch)}
+        record.update(values)
+        record.update(self._lv.pending)
+        self._lv.pending.clear()
+        if len(record) > 1:
+            self._lv.history.append(record)
+
+    @override
+    def on_validation_epoch_start(self) -> None:
+        """Reset the validation accumulators."""
+        super().on_validation_epoch_start()
+        self._lv_begin("val")
+
+    @override
+    def on_validation_epoch_end(self) -> None:
+        """Log ``val/loss`` and ``val/<name>`` for each dataloader."""
+        super().on_validation_epoch_end()
+        values = self._lv_end("val")
+        if self.trainer.state.fn == "fit" and not self.trainer.sanity_checking:
+            self._lv.pending.update(values)
+
+    @override
+    def on_test_epoch_start(self) -> None:
+        """Reset the test accumulators."""
+        super().on_test_epoch_start()
+        self._lv_begin("test")
+
+    @override
+    def on_test_epoch_end(self) -> None:
+        """Log ``test/loss`` and ``test/<name>`` for each dataloader."""
+        super().on_test_epoch_end()
+        self._lv_end("test")
+
+    @property
+    def metrics_history(self) -> list[dict[str, float]]:
+        """One record per ``fit`` epoch: ``{"epoch": 0.0, "train/loss": ..., "train/acc": ..., "val/loss": ...}``.
+
+        ``train/loss`` here is the epoch mean. With several validations per epoch, the last one is kept.
+        Under ``strategy="ddp_spawn"`` the records stay in the worker processes (only weights come back).
+        """
+        return self._lv.history
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Internals
+
+    @property
+    def _lv(self) -> _State:
+        state = self.__dict__.get("_lv_state")
+        if state is None:
+            state = _State()
+            self.__dict__["_lv_state"] = state
+        return state
+
+    def _lv_num_classes(self) -> int | None:
+        value = getattr(self, "num_classes", None)
+        where = "attribute `num_classes`"
+        if value is None:
+            hparams = getattr(self, "hparams", None)
+            value = hparams.get("num_classes") if isinstance(hparams, Mapping) else None
+            where = "`hparams.num_classes`"
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or value < 2:
+            raise ValueError(f"Expected {where} to be an int >= 2 but got {value!r}.")
+        return value
+
+    def _lv_configure(self) -> None:
+        state = self._lv
+        if state.templates is not None:
+            return
+        if type(self).compute_loss is ValidationMixin.compute_loss:
+            criterion = getattr(self, "criterion", None)
+            if criterion is None:
+                raise TypeError(_MISSING_CRITERION.format(name=type(self).__name__))
+            if not callable(criterion):
+                raise TypeError(
+                    f"Expected attribute `criterion` to be callable (e.g. `nn.CrossEntropyLoss()`) but got "
+                    f"{criterion!r}."
+                )
+        if self.on_bad_values not in ("warn", "raise"):
+            raise ValueError(
+                f"Expected attribute `on_bad_values` to be 'warn' or 'raise' but got {self.on_bad_values!r}."
+            )
+        Throttle(self.progress_interval)  # validates the interval now, not at the first batch
+        state.num_classes = self._lv_num_classes()
+        with torch.inference_mode(False):  # states made under inference_mode could not be updated later
+            state.templates = check_metrics(self.configure_metrics())
+        state.default_in_use = any(m in _DEFAULTS for m in state.templates.values())
+
+    def _lv_names(self, stage: Stage) -> Sequence[str] | None:
+        names = {"val": self.val_dataloader_names, "test": self.test_dataloader_names}.get(stage)
+        if names is not None and (isinstance(names, str) or not all(isinstance(n, str) and n for n in names)):
+            raise TypeError(
+                f"Expected attribute `{stage}_dataloader_names` to be a list of non-empty strings but got {names!r}."
+            )
+        return names
+
+    def _lv_container(self, stage: Stage, index: int) -> nn.ModuleDict:
+        """Return the registered metric clones of ``stage`` and dataloader ``index``, created on first use."""
+        root = self._modules.get("lv_metrics")
+        if not isinstance(root, nn.ModuleDict):
+            root = nn.ModuleDict()
+            self.lv_metrics = root
+        key = f"{stage}_{index}"  # flat keys: a ModuleDict cannot hold a key named "train" (nn.Module.train)
+        if key not in root:
+            templates = self._lv.templates or {}
+            with torch.inference_mode(False):
+                container = nn.ModuleDict({name: m.clone() for name, m in templates.items()})
+            # A clone made during evaluation takes the current mode, like the rest of the model.
+            root[key] = container.to(self.device).train(self.training)
+        result = root[key]
+        assert isinstance(result, nn.ModuleDict)
+        return result
+
+    def _lv_eval_loaders(self, stage: Stage) -> list[object | None]:
+        trainer = self.trainer
+        if stage == "test":
+            count = len(trainer.num_test_batches)
+        elif trainer.sanity_checking:
+            count = len(trainer.num_sanity_val_batches)
+        else:
+            count = len(trainer.num_val_batches)
+        # The processed loaders (with the DistributedSampler Lightning injected) of the loop running now; the
+        # public `trainer.val_dataloaders` prefers fit's loaders even inside a later `trainer.validate()`.
+        try:
+            flattened = trainer._evaluation_loop._combined_loader.flattened  # type: ignore[union-attr]
+        except (AttributeError, RuntimeError):
+            flattened = None
+        if isinstance(flattened, list) and len(flattened) == count:
+            return list(flattened)
+        return [None] * max(count, 1)
+
+    def _lv_begin(self, stage: Stage) -> None:
+        state = self._lv
+        self._lv_configure()
+        if stage in state.epochs:
+            rank_zero_warn(
+                f"The previous {_HOOK_STAGE[stage]} epoch was never logged: if you override "
+                f"`on_{_HOOK_STAGE[stage]}_epoch_end`, call `super().on_{_HOOK_STAGE[stage]}_epoch_end()` in it.",
+                category=UserWarning,
+            )
+        loaders = [None] if stage == "train" else self._lv_eval_loaders(stage)
+        names = self._lv_names(stage)
+        if names is not None and len(names) != len(loaders):
+            raise ValueError(
+                f"Expected attribute `{stage}_dataloader_names` to name each of the {len(loaders)} {stage} dataloaders "
+                f"but got {len(names)} names: {list(names)!r}."
+            )
+        use_metrics = stage != "train" or self.log_train_metrics
+        criterion = getattr(self, "criterion", None)
+        reduction = "sum" if getattr(criterion, "reduction", "mean") == "sum" else "mean"
+        ignore_index = getattr(criterion, "ignore_index", None)
+        epoch = _Epoch(loaders=[], check_default=state.default_in_use and use_metrics)
+        for i, dl in enumerate(loaders):
+            container = self._lv_container(stage, i)
+            with torch.inference_mode(False):  # fresh states that a later `fit` can update in place
+                for metric in container.values():
+                    if isinstance(metric, Metric):
+                        metric.reset()
+            suffix = "" if len(loaders) == 1 else f"/{names[i]}" if names else f"/dataloader_idx_{i}"
+            epoch.loaders.append(
+                _Loader(
+                    loss=LossAccumulator(reduction),
+                    targets=(
+                        TargetRange(state.num_classes, ignore_index if isinstance(ignore_index, int) else None)
+                        if state.num_classes is not None
+                        else None
+                    ),
+                    padding=PaddingFilter(None if dl is None else real_samples(dl)),
+                    metrics=[(n, m) for n, m in container.items() if isinstance(m, Metric)] if use_metrics else [],
+                    suffix=suffix,
+                    throttle=Throttle(self.progress_interval),
+                )
+            )
+        epoch.bar = self._lv_bar(stage)
+        state.epochs[stage] = epoch
+
+    def _lv_bar(self, stage: Stage) -> Any:
+        """Lightning's TQDM bar of ``stage`` when one is shown here (rank 0), else ``None`` (Rich, no bar)."""
+        if stage == "train":
+            return None
+        callback = self.trainer.progress_bar_callback
+        if not isinstance(callback, TQDMProgressBar) or not callback.is_enabled:
+            return None
+        try:
+            bar = callback.test_progress_bar if stage == "test" else callback.val_progress_bar
+        except TypeError:  # not created (yet)
+            return None
+        return None if getattr(bar, "disable", True) else bar
+
+    def _lv_end(self, stage: Stage) -> dict[str, float]:
+        """Reduce across processes, report bad values, log; return the values for the history."""
+        state = self._lv
+        epoch = state.epochs.pop(stage, None)
+        if epoch is None:  # the start hook never reached the mixin; update_metrics said so already
+            return {}
+        trainer = self.trainer
+        device = self.device
+        loaders = epoch.loaders
+        sums = torch.stack(
+            [
+                torch.cat([ld.loss.summary(device).to(device), _bad_targets(ld, device)])
+                for ld in loaders
+            ]
+        )
+        extremes = torch.stack([_target_extremes(ld, device) for ld in loaders])
+        if trainer.world_size > 1:
+            # Sums of sums and counts: exact. One collective for all dataloaders, plus one for the extremes.
+            sums = trainer.strategy.reduce(sums, reduce_op="sum")
+            extremes = trainer.strategy.reduce(extremes, reduce_op="max")
+        rows = sums.tolist()
+        ext = extremes.tolist()
+        problems: list[str] = []
+        values: dict[str, float] = {}
+        keys: list[str] = []  # metric keys, read back together below
+        tensors: list[Tensor] = []
+        for ld, (total, count, nonfinite, batches, bad), (neg_lo, hi) in zip(loaders, rows, ext, strict=True):
+            if count == 0:  # nothing counted (a custom step that did not call update_metrics): nothing to log
+                continue
+            loss_key = f"{stage}/loss{ld.suffix}"
+            values[loss_key] = total / count
+            if nonfinite:
+                problems.append(
+                    f"{int(nonfinite)} of {int(batches)} {stage} batches gave a non-finite loss (nan or inf), so "
+                    f"`{loss_key}` is {total / count}. Check the inputs and `compute_loss`"
+                )
+            if bad:
+                problems.append(
+                    f"{int(bad)} of {int(batches)} {stage} batches{_on(ld.suffix)} had targets outside "
+                    f"[0, {state.num_classes}) (smallest {int(-neg_lo)}, largest {int(hi)}); they count as wrong "
+                    "predictions. Check `num_classes` and the labels"
+                )
+            for name, metric in ld.metrics:
+                key = f"{stage}/{name}{ld.suffix}"
+                with warnings.catch_warnings():
+                    # A rank whose share was all padding has no update; the synced value still covers all ranks.
+                    warnings.filterwarnings("ignore", message=".*was called before the ``update`` method.*")
+                    value = metric.compute()
+                if not isinstance(value, Tensor) or value.numel() != 1:
+                    raise ValueError(_not_scalar(key, metric, value))
+                keys.append(key)
+                tensors.append(value.detach().reshape(()).to(device=device, dtype=torch.float64))
+        if problems:
+            message = "; ".join(problems) + "."
+            if self.on_bad_values == "raise":
+                raise ValueError(message)
+            rank_zero_warn(message + " Set `on_bad_values = 'raise'` to stop instead.", category=UserWarning)
+        if tensors:
+            values.update(zip(keys, torch.stack(tensors).tolist(), strict=True))
+        with torch.inference_mode(False):
+            for ld in loaders:  # free list states (e.g. AUROC's scores) until the next epoch
+                for _, metric in ld.metrics:
+                    metric.reset()
+        if epoch.bar is not None and loaders:  # the bar ends on the last dataloader's exact epoch values
+            last = loaders[-1]
+            prefix = f"{stage}/"
+            final = {
+                k[len(prefix) : len(k) - len(last.suffix)]: v
+                for k, v in values.items()
+                if k.startswith(prefix) and k.endswith(last.suffix)
+            }
+            epoch.bar.set_postfix(format_postfix(final), refresh=True)
+        epoch.bar = None
+        distributed = trainer.world_size > 1
+        for key, value in values.items():
+            log_key = f"{key}_epoch" if stage == "train" and key.startswith("train/loss") else key
+            # The values are already global and equal on every rank. Lightning asks for sync_dist on epoch-level
+            # values under DDP; the max of equal values is the value itself (a mean would divide and round).
+            self.log(
+                log_key,
+                value,
+                prog_bar=stage == "val",
+                sync_dist=distributed,
+                reduce_fx="max",
+                add_dataloader_idx=False,  # the suffix is ours: dataloader_idx_<i> or the user's name
+            )
+        return values
+
+    def _lv_loss(self, outputs: Any, target: Any) -> Tensor:
+        try:
+            loss = self.compute_loss(outputs, target)
+        except (RuntimeError, ValueError, IndexError) as err:
+            if type(self).compute_loss is not ValidationMixin.compute_loss:
+                raise
+            hint = (
+                " If the target has a trailing dimension of 1, return `x, y.squeeze(1)` from `unpack_batch`."
+                if isinstance(target, Tensor) and target.ndim >= 2 and target.shape[-1] == 1
+                else ""
+            )
+            raise type(err)(
+                f"`criterion` ({getattr(self, 'criterion', None)!r}) failed on outputs of "
+                f"{_describe(outputs)} and target of {_describe(target)}: {err}.{hint}"
+            ) from err
+        if not isinstance(loss, Tensor) or not loss.is_floating_point():
+            raise TypeError(
+                f"Expected `compute_loss` to return a float tensor (the batch mean or one loss per sample) but got "
+                f"{_describe(loss)}."
+            )
+        return loss
+
+    def _lv_check_default(self, outputs: Any, target: Any) -> None:
+        num_classes = self._lv.num_classes
+        if (
+            isinstance(outputs, Tensor)
+            and isinstance(target, Tensor)
+            and outputs.ndim >= 2
+            and outputs.shape[1] == num_classes
+            and target.shape == outputs.shape[:1] + outputs.shape[2:]
+            and not target.is_floating_point()
+        ):
+            return
+        hint = (
+            "return `x, y.squeeze(1)` from `unpack_batch`"
+            if isinstance(target, Tensor) and target.ndim >= 2 and target.shape[-1] == 1
+            else "for another task return your own metrics from `configure_metrics()`"
+        )
+        raise ValueError(
+            f"The default metric `MulticlassAccuracy(num_classes={num_classes})` expects outputs of shape "
+            f"(N, {num_classes}, ...) (class scores in dimension 1) and integer targets of shape (N, ...), but got "
+            f"outputs of {_describe(outputs)} and target of {_describe(target)}: {hint}."
+        )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Helpers and messages
+
+_MISSING_CRITERION = (
+    "`{name}` has no loss: set `self.criterion = nn.CrossEntropyLoss()` in `__init__`, or override "
+    "`def compute_loss(self, outputs, target): return F.cross_entropy(outputs, target)`."
+)
+
+_UNPACK_HINT = "Override `unpack_batch(self, batch)` to return `(inputs, target)`."
+
+
+def _describe(obj: object) -> str:
+    if isinstance(obj, Tensor):
+        return f"shape {tuple(obj.shape)} ({obj.dtype})"
+    if isinstance(obj, Mapping):
+        return f"a {type(obj).__name__} with keys {list(obj)!r}"
+    if isinstance(obj, (tuple, list)):
+        inner = ", ".join(_describe(x) if isinstance(x, Tensor) else type(x).__name__ for x in obj[:4])
+        more = ", ..." if len(obj) > 4 else ""
+        return f"a {type(obj).__name__} of {len(obj)} ({inner}{more})"
+    return f"a {type(obj).__name__}"
+
+
+def _unpack_error(batch: object) -> str:
+    if isinstance(batch, Mapping) and len(batch) >= 2:
+        keys = list(batch)
+        body = f"return batch[{keys[0]!r}], batch[{keys[1]!r}]"
+    elif isinstance(batch, (tuple, list)) and len(batch) > 2:
+        body = "inputs, target, *_ = batch\n        return inputs, target"
+    else:
+        body = "inputs, target = ...  # from batch\n        return inputs, target"
+    return (
+        f"`ValidationMixin.unpack_batch` expects a batch `(inputs, target)` (a tuple or list of 2) but got "
+        f"{_describe(batch)}. Override it in your LightningModule:\n\n"
+        f"    def unpack_batch(self, batch):\n        {body}\n"
+    )
+
+
+def _shape_error(outputs: Tensor, target: Tensor) -> str:
+    return (
+        f"Expected `outputs` and `target` to have the same batch size (first dimension) but got outputs of "
+        f"{_describe(outputs)} and target of {_describe(target)}. Check `forward` and `unpack_batch`."
+    )
+
+
+def _metric_error(key: str, metric: Metric, outputs: Any, target: Any, err: BaseException) -> str:
+    return (
+        f"Metric `{key}` ({type(metric).__name__}) failed on outputs of {_describe(outputs)} and target of "
+        f"{_describe(target)}: {err}"
+    )
+
+
+def _not_scalar(key: str, metric: Metric, value: object) -> str:
+    what = f"a tensor of {_describe(value)}" if isinstance(value, Tensor) else f"a {type(value).__name__}"
+    return (
+        f"Metric `{key}` ({type(metric).__name__}) returned {what}; a logged metric must be a scalar. For "
+        "per-class values use `average='macro'` (or 'micro'/'weighted'), or log them yourself."
+    )
+
+
+def _outside_epoch(stage: str, dataloader_idx: int, open_: bool) -> str:
+    hook = _HOOK_STAGE.get(stage, stage)
+    if stage not in _HOOK_STAGE:
+        return f"Expected argument `stage` to be 'train', 'val' or 'test' but got {stage!r}."
+    if open_:
+        return (
+            f"`update_metrics({stage!r}, ..., dataloader_idx={dataloader_idx})`: the mixin saw fewer {stage} "
+            "dataloaders when the epoch started."
+        )
+    return (
+        f"`update_metrics({stage!r}, ...)` ran outside a {hook} epoch the mixin saw start. If you override "
+        f"`on_{hook}_epoch_start`, call `super().on_{hook}_epoch_start()` in it."
+    )
+
+
+def _on(suffix: str) -> str:
+    return f" ({suffix[1:]})" if suffix else ""
+
+
+def _bad_targets(loader: _Loader, device: torch.device) -> Tensor:
+    if loader.targets is None:
+        return torch.zeros(1, dtype=torch.float64, device=device)
+    return loader.targets.summary(device)[0].to(device=device, dtype=torch.float64)
+
+
+def _target_extremes(loader: _Loader, device: torch.device) -> Tensor:
+    if loader.targets is None:
+        return torch.full((2,), torch.iinfo(torch.int64).min, dtype=torch.int64, device=device)
+    return loader.targets.summary(device)[1].to(device)
+
+
+def _show_running(bar: Any, loader: _Loader) -> None:
+    """Put this dataloader's running loss and metrics on the bar: one read-back from the device."""
+    names: list[str] = []
+    values: list[Tensor] = []
+    loss = loader.loss.running_mean()
+    if loss is not None:
+        names.append("loss")
+        values.append(loss.to(torch.float64))
+    for name, metric in loader.metrics:
+        value = local_value(metric)
+        if value is not None:
+            names.append(name)
+            values.append(value.to(device=loss.device if loss is not None else value.device, dtype=torch.float64))
+    if values:
+        bar.set_postfix(format_postfix(dict(zip(names, torch.stack(values).tolist(), strict=True))), refresh=False)
