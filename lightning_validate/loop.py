@@ -66,7 +66,8 @@ def validate(
     """Evaluate ``model`` on every batch of ``dataloader``; return the loss and metrics as plain floats.
 
     Batches of the form ``(inputs, target)`` (a tuple or list of two) work as they are: ``outputs = model(inputs)``.
-    Any other batch (a dict, extra fields, several inputs) goes through ``step(batch, model) -> (outputs, target)``;
+    Any other batch (a dict: its keys differ from one dataset to the next, so none are guessed; extra fields;
+    several inputs) goes through ``step(batch, model) -> (outputs, target)``;
     ``validate()`` then computes the loss with ``criterion(outputs, target)`` and updates every metric with
     ``metric.update(outputs, target)``, so a step only says how a batch feeds the model, never how to average:
 
