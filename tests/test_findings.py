@@ -118,3 +118,85 @@ def test_every_section_has_example_message_fix_and_non_triggers(code: str) -> No
     message = re.search(r"### Message\s+```text\n(.+?)\n```", body, flags=re.DOTALL)
     assert message is not None, f"{code}: the message must be a ```text block"
     assert message.group(1).startswith(f"{code} {CODES[code]}: `"), code
+
+
+def _engine_messages() -> dict[str, str]:
+    """Run the scenarios of docs/codes.md through the engine: code -> the first message it gave."""
+    import torch
+    from torch import nn
+
+    from lightning_validate.engine import check_eval_state, check_train_state, compare, take_snapshot
+    from lightning_validate.evaluating import evaluating
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.backbone = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
+            self.head = nn.Sequential(nn.Flatten(), nn.Dropout(0.2), nn.Linear(288, 10))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.backbone(x))
+
+    torch.manual_seed(0)
+    model, x = Net(), torch.randn(4, 3, 8, 8)
+    out: dict[str, str] = {}
+
+    def keep(findings: list[Finding]) -> None:
+        for f in findings:
+            out.setdefault(f.code, f.message)
+
+    def checked(body: object) -> None:
+        import warnings
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with evaluating(model, check=True):
+                body()  # type: ignore[operator]
+        for w in caught:
+            out.setdefault(str(w.message).split()[0], str(w.message))
+
+    model.eval()
+    model.head[1].train()
+    keep(check_eval_state(model, phase="validation", boundary="on_validation_batch_start", allow_grad=True))
+    model.eval()
+    keep(check_eval_state(model, phase="validation", boundary="on_validation_batch_start"))
+    model.train()
+    checked(lambda: model.head[2].weight.data.clamp_(-0.01, 0.01))
+    checked(lambda: (model.backbone.train(), model(x)))
+    checked(lambda: model.backbone.requires_grad_(False))
+    model.backbone.requires_grad_(True)
+
+    def backward() -> None:
+        with torch.enable_grad():
+            model(x).sum().backward()
+
+    checked(backward)
+    model.zero_grad(set_to_none=True)
+    model.backbone.eval()
+    before = take_snapshot(model)
+    model.eval()
+    model.train()
+    keep(compare(before, take_snapshot(model), phase="validation", boundary="on_validation_model_train"))
+    before = take_snapshot(model)
+    model.aux = nn.Linear(8, 2)
+    keep(compare(before, take_snapshot(model), phase="validation", boundary="on_validation_end"))
+    del model.aux
+    with torch.no_grad():
+        keep(check_train_state(model, boundary="on_train_batch_start"))
+    model.backbone.eval()
+    keep(check_train_state(model, boundary="on_train_batch_start (first of the epoch)"))
+    return out
+
+
+def test_documented_messages_match_what_the_engine_says() -> None:
+    def masked(text: str) -> str:  # the numbers of a value change depend on the random initialization
+        return re.sub(r"-?\d+\.\d+(e-?\d+)?", "<number>", text)
+
+    produced = _engine_messages()
+    assert set(produced) >= {"LV101", "LV102", "LV201", "LV202", "LV203", "LV204", "LV205", "LV206", "LV301",
+                             "LV302"}
+    sections = _doc_sections()
+    for code, message in produced.items():
+        documented = re.search(r"### Message\s+```text\n(.+?)\n```", sections[code][1], flags=re.DOTALL)
+        assert documented is not None
+        assert masked(documented.group(1)) == masked(message), code
