@@ -76,7 +76,7 @@ def validate(
              step=lambda batch, model: (model(batch["image"]), batch["label"]))
     ```
 
-    The model runs under :func:`~lightning_validate.evaluating`: every submodule in eval mode, and afterwards, also
+    The model runs under ``evaluating()``: every submodule in eval mode, and afterwards, also
     when a batch raises, each submodule gets back its own mode (a frozen BatchNorm stays frozen) and grad mode is
     what it was. Without ``step`` the loop runs under ``torch.inference_mode()`` (fastest); with a ``step`` it runs
     under ``torch.no_grad()``, so that the step may open ``with torch.enable_grad():`` for input gradients.
