@@ -79,7 +79,9 @@ def validate(
     The model runs under ``evaluating()``: every submodule in eval mode, and afterwards, also
     when a batch raises, each submodule gets back its own mode (a frozen BatchNorm stays frozen) and grad mode is
     what it was. Without ``step`` the loop runs under ``torch.inference_mode()`` (fastest); with a ``step`` it runs
-    under ``torch.no_grad()``, so that the step may open ``with torch.enable_grad():`` for input gradients.
+    under ``torch.no_grad()``, so that the step may open ``with torch.enable_grad():`` for input gradients. (A
+    tensor the model creates lazily during the first inference-mode run, a cache or an accumulator, is an inference
+    tensor and cannot be updated in place in training later; a ``step`` avoids that too.)
 
     Batches (tensors inside tuples, lists and dicts) are moved to ``device`` with ``non_blocking=True``; the model
     is not moved: it must already be there. The metrics are: they are modules, moved with ``.to(device)`` and left
