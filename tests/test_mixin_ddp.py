@@ -1,0 +1,101 @@
+"""Under DDP the logged values equal the single-process ones: DistributedSampler's repeated samples are not counted.
+
+One ``ddp_spawn`` run on 2 CPU processes (gloo); the test stage shares the validation code path. The workers
+send back the final weights and ``trainer.callback_metrics``; the references are computed here, on the whole
+data, with sklearn.
+"""
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+
+from lightning_validate import ValidationMixin
+
+BATCH = 64
+WORLD = 2
+
+
+class DigitsModel(ValidationMixin, pl.LightningModule):
+    num_classes = 10
+    val_dataloader_names = ("head", "tail")
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(64, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 10))
+        self.criterion = nn.CrossEntropyLoss()
+
+    def forward(self, x):
+        return self.net(x)
+
+    def configure_metrics(self):
+        return {"acc": MulticlassAccuracy(10, average="micro"), "f1": MulticlassF1Score(10, average="macro")}
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.2)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    return torch.tensor(x / 16.0, dtype=torch.float32), torch.tensor(y)
+
+
+def loader(x, y):
+    return DataLoader(TensorDataset(x, y), batch_size=BATCH)
+
+
+def ddp_trainer():
+    return pl.Trainer(
+        accelerator="cpu",
+        devices=WORLD,
+        strategy="ddp_spawn",
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=False,
+    )
+
+
+def reference(model, x, y, duplicate_first=False):
+    """sklearn on the whole data; with ``duplicate_first``, what a loop that counts DDP padding would see."""
+    from sklearn.metrics import accuracy_score, f1_score, log_loss  # here: the spawned workers need not load it
+
+    model.eval()
+    with torch.no_grad():
+        logits = model(x).double()
+    prob, target = logits.softmax(1).numpy(), y.numpy()
+    if duplicate_first:  # N odd on 2 ranks: rank 1 repeats global position 0
+        prob, target = torch.cat([logits[:1], logits]).softmax(1).numpy(), torch.cat([y[:1], y]).numpy()
+    pred = prob.argmax(1)
+    return {
+        "loss": log_loss(target, prob / prob.sum(1, keepdims=True), labels=list(range(10))),
+        "acc": accuracy_score(target, pred),
+        "f1": f1_score(target, pred, average="macro"),
+    }
+
+
+@pytest.mark.ddp
+def test_fit_under_ddp_logs_the_single_process_values(digits):
+    x, y = digits
+    # 1001 and 257 samples: odd, so rank 1 repeats one sample. With 257, rank 1's 129th position (global 257) is
+    # that repeat, alone in its last batch (64 + 64 + 1): the step sees a batch that is all padding.
+    parts = {"head": (x[:1001], y[:1001]), "tail": (x[1001:1258], y[1001:1258])}
+    assert all(len(py) % WORLD and len(py) % (WORLD * BATCH) for _, py in parts.values())
+    model = DigitsModel()
+    trainer = ddp_trainer()
+    trainer.fit(model, loader(x[:1200], y[:1200]), [loader(*p) for p in parts.values()])
+    logged = {k: v.item() for k, v in trainer.callback_metrics.items()}
+    for name, (px, py) in parts.items():
+        ref = reference(model, px, py)
+        naive = reference(model, px, py, duplicate_first=True)
+        for metric in ("loss", "acc", "f1"):
+            assert logged[f"val/{metric}/{name}"] == pytest.approx(ref[metric], abs=1e-6)
+        assert abs(logged[f"val/loss/{name}"] - naive["loss"]) > 1e-5  # counting the repeat would show
+    assert {"train/loss_epoch", "train/acc", "train/f1"} <= set(logged)
