@@ -62,7 +62,7 @@ def test_loss_accumulator_counts_nonfinite_batches_and_rejects_bad_input():
         acc.update(torch.tensor(value), 2)
     total, count, nonfinite, batches = acc.summary().tolist()
     assert (count, nonfinite, batches) == (8, 2, 4) and math.isnan(total)
-    with pytest.raises(ValueError, match=r"per-sample loss of first dimension 4 \(the batch size\) but got shape \(3,\)"):
+    with pytest.raises(ValueError, match=r"first dimension 4 \(the batch size\) but got shape \(3,\)"):
         acc.update(torch.ones(3), 4)
     with pytest.raises(ValueError, match="Expected argument `reduction` to be 'mean' or 'sum' but got 'none'"):
         LossAccumulator("none")
