@@ -103,9 +103,11 @@ def _walk(model: nn.Module) -> tuple[dict[str, nn.Module], list[tuple[str, Tenso
         prefix = name + "." if name else ""
         for out, members in ((params, module._parameters), (buffers, module._buffers)):
             for key, t in members.items():
-                if t is not None and id(t) not in seen:
-                    seen.add(id(t))
-                    out.append((prefix + key, t))
+                if t is not None:
+                    i = id(t)
+                    if i not in seen:
+                        seen.add(i)
+                        out.append((prefix + key, t))
     return modules, params, buffers
 
 
@@ -296,16 +298,25 @@ class _Fingerprint:
 
     @classmethod
     def of(cls, named: list[tuple[str, str, Tensor]]) -> _Fingerprint:
-        by_device: dict[torch.device, list[int]] = {}
-        usable: list[tuple[str, str, Tensor]] = []
+        # One pass, few attribute reads per tensor: at a few thousand tensors the Python bookkeeping costs as much
+        # as the reductions.
+        keys: list[tuple[str, str]] = []
+        integral: set[tuple[str, str]] = set()
+        by_device: dict[torch.device, tuple[list[int], list[Tensor]]] = {}
         for kind, name, t in named:
-            if _fingerprintable(t):
-                by_device.setdefault(t.device, []).append(len(usable))
-                usable.append((kind, name, t))
-        fp = cls(keys=[(k, n) for k, n, _ in usable],
-                 integral={(k, n) for k, n, t in usable if not (t.is_floating_point() or t.is_complex())})
-        for idx in by_device.values():
-            fp._device_rows.append((idx, _fingerprint_rows([usable[i][2] for i in idx])))
+            if not _fingerprintable(t):
+                continue
+            if not (t.is_floating_point() or t.is_complex()):
+                integral.add((kind, name))
+            device = t.device
+            entry = by_device.get(device)
+            if entry is None:
+                entry = by_device[device] = ([], [])
+            entry[0].append(len(keys))
+            entry[1].append(t)
+            keys.append((kind, name))
+        fp = cls(keys=keys, integral=integral)
+        fp._device_rows = [(idx, _fingerprint_rows(tensors)) for idx, tensors in by_device.values()]
         return fp
 
     def values(self) -> dict[tuple[str, str], tuple[float, float]]:
