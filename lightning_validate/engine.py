@@ -266,21 +266,30 @@ def _stacked_rows(flat: list[Tensor]) -> Tensor:
     for i, t in enumerate(flat):
         groups.setdefault((t.dtype, tuple(t.shape)), []).append(i)
     order: list[int] = []
-    parts: list[Tensor] = []
+    sums: list[Tensor] = []
+    seconds: list[Tensor] = []
     for (dtype, shape), idx in groups.items():
+        if len(idx) == 1:  # a shape of its own: reduce the tensor itself, a stack would only add a copy
+            t = flat[idx[0]]
+            sums.append(t.sum(dtype=torch.float64).reshape(1))
+            second = (torch.linalg.vector_norm(t, 2, dtype=torch.float64) if dtype.is_floating_point
+                      else _positional_sum(t.reshape(-1)))
+            seconds.append(second.reshape(1))
+            order += idx
+            continue
         per_block = max(1, _STACK_ELEMENTS // max(math.prod(shape), 1))
         for start in range(0, len(idx), per_block):
             block = idx[start:start + per_block]
             stacked = torch.stack([flat[i] for i in block]).reshape(len(block), -1)
-            sums = stacked.sum(1, dtype=torch.float64)
-            if dtype.is_floating_point:
-                norms = torch.linalg.vector_norm(stacked, 2, dim=1, dtype=torch.float64)
-            else:
-                norms = _positional_sum_rows(stacked)
-            parts.append(torch.stack([sums, norms], 1))
+            sums.append(stacked.sum(1, dtype=torch.float64))
+            seconds.append(torch.linalg.vector_norm(stacked, 2, dim=1, dtype=torch.float64)
+                           if dtype.is_floating_point else _positional_sum_rows(stacked))
             order += block
+    values = torch.stack([torch.cat(sums), torch.cat(seconds)], 1)
+    if order == list(range(len(flat))):
+        return values
     rows = torch.empty(len(flat), 2, dtype=torch.float64)
-    rows[torch.tensor(order)] = torch.cat(parts)
+    rows[torch.tensor(order)] = values
     return rows
 
 
