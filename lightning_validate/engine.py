@@ -4,10 +4,11 @@ Plain torch, no Lightning: ``ModeCheck``, ``evaluating()`` and ``validate()`` ar
 
 A ``Snapshot`` records every submodule's ``training`` flag by qualified name, the grad mode, each parameter's
 ``requires_grad``, and a content fingerprint of every parameter, buffer and ``.grad``. The fingerprint is computed
-from the values (a float64 sum and a float64 L2 norm per tensor), not from ``tensor._version``: writes through
-``.data`` and native BatchNorm running-stat updates do not bump version counters. The fingerprint stays on the
-tensors' device until two snapshots are compared, so taking a snapshot never synchronizes with a GPU and a
-comparison costs one synchronization per device.
+from the values (a float64 sum and a float64 L2 norm per tensor; a position-weighted sum instead of the norm for
+integer and bool tensors), not from ``tensor._version``: writes through ``.data`` and native BatchNorm running-stat
+updates do not bump version counters. The fingerprint stays on the tensors' device until two snapshots are
+compared, so taking a snapshot never synchronizes with a GPU, and a comparison copies both snapshots' fingerprints
+to the host at once: one synchronization per device.
 
 Example:
     >>> import torch
