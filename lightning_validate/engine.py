@@ -529,7 +529,17 @@ def compare(
         add("LV206", display_name(name), "the same submodules", "removed " + before.describe(name), _FIX_STRUCTURE,
             _covers(count, "submodules"))
 
-    common = [n for n in before.modes if n in after.modes]
+    # Same name, another class: the submodule was replaced. Lazy modules change class when they materialize
+    # (`LazyLinear` -> `Linear`): that is not a replacement.
+    replaced = [n for n in before.modes if n in after.modes and before.types.get(n) != after.types.get(n)
+                and not before.types.get(n, "").startswith("Lazy")]
+    for name, count in _group(replaced, [n for n in before.modes if n in after.modes]):
+        add("LV206", display_name(name), "the same submodules",
+            f"replaced {before.describe(name)} by {after.types.get(name, '?')}", _FIX_STRUCTURE,
+            _covers(count, "submodules"))
+
+    replaced_set = set(replaced)
+    common = [n for n in before.modes if n in after.modes and n not in replaced_set]
     for was in (False, True):
         flipped = [n for n in common if before.modes[n] == was and after.modes[n] != was
                    and not matches_any(n, allow_train_mode)]

@@ -377,7 +377,9 @@ def test_modules_added_or_removed_are_reported_not_a_crash() -> None:
     removed = _diff(model, lambda m: delattr(m, "backbone"))
     assert [(f.code, f.module, f.seen) for f in removed] == [("LV206", "backbone", "removed backbone (Sequential)")]
     replaced = _diff(model, lambda m: m.head.__setitem__(1, nn.Linear(8, 3)))
-    assert _codes(replaced) == [("LV201", "head.1")]  # same name, same shape: new values
+    assert _codes(replaced) == [("LV201", "head.1")]  # same name, same class and shape: new values
+    other = _diff(model, lambda m: m.head.__setitem__(1, nn.Identity().eval()))
+    assert [(f.code, f.module, f.seen) for f in other] == [("LV206", "head.1", "replaced head.1 (Linear) by Identity")]
 
 
 def test_lazy_modules_and_meta_tensors_do_not_crash() -> None:
