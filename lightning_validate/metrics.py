@@ -40,6 +40,7 @@ from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy
 
 __all__ = [
+    "FastMulticlassAccuracy",
     "LossAccumulator",
     "PaddingFilter",
     "TargetRange",
@@ -98,7 +99,9 @@ class LossAccumulator:
         """Forget everything accumulated."""
         self.count = 0
         self.batches = 0
-        self._parts: list[Tensor] = []
+        self._parts: list[Tensor] = []  # batch sums
+        self._means: list[Tensor] = []  # batch means, all of batches of `_weight` samples
+        self._weight = 0
         self._total: Tensor | None = None
         self._nonfinite: Tensor | None = None
 
@@ -106,7 +109,18 @@ class LossAccumulator:
         """Add one batch: its loss (see the class docstring) and its number of samples ``n`` (a Python int)."""
         loss = loss.detach()
         if loss.ndim == 0:
-            part = loss if self.reduction == "sum" else loss * n
+            if self.reduction == "sum":
+                part = loss
+            else:  # batch means of equal-sized batches are kept as they are and weighted once, when folded
+                if n != self._weight:
+                    self._fold()
+                    self._weight = n
+                self._means.append(loss)
+                self.count += n
+                self.batches += 1
+                if len(self._means) >= _FOLD_EVERY:
+                    self._fold()
+                return
         else:
             if loss.shape[0] != n:
                 raise ValueError(
@@ -121,14 +135,15 @@ class LossAccumulator:
             self._fold()
 
     def _fold(self) -> None:
-        if not self._parts:
-            return
-        chunk = torch.stack(self._parts)
-        self._parts = []
-        total = chunk.sum(dtype=_sum_dtype(chunk.device))
-        nonfinite = torch.isfinite(chunk).logical_not().sum()
-        self._total = total if self._total is None else self._total + total
-        self._nonfinite = nonfinite if self._nonfinite is None else self._nonfinite + nonfinite
+        for values, weight in ((self._parts, 1), (self._means, self._weight)):
+            if not values:
+                continue
+            chunk = torch.stack(values)
+            values.clear()
+            total = chunk.sum(dtype=_sum_dtype(chunk.device)) * weight
+            nonfinite = torch.isfinite(chunk).logical_not().sum()
+            self._total = total if self._total is None else self._total + total
+            self._nonfinite = nonfinite if self._nonfinite is None else self._nonfinite + nonfinite
 
     def summary(self, device: torch.device | None = None) -> Tensor:
         """``[sum, count, non-finite batches, batches]`` as one tensor (float64 except on MPS); no sync."""
@@ -300,23 +315,61 @@ def local_value(metric: Metric) -> Tensor | None:
     return value.reshape(())
 
 
-def default_metrics(num_classes: int | None) -> dict[str, Metric]:
-    """``{"acc": MulticlassAccuracy(num_classes, average="micro")}``, or ``{}`` when ``num_classes`` is ``None``.
+class FastMulticlassAccuracy(MulticlassAccuracy):
+    """``MulticlassAccuracy(num_classes, average="micro", validate_args=False)`` with a cheaper ``update``.
 
-    Micro accuracy is the fraction of correct samples and needs no ``bincount`` (no sync on CUDA). Arguments are
-    not re-validated per batch (``validate_args=False``): ``ValidationMixin`` checks shapes itself and counts
-    out-of-range targets on the device.
+    Same states, same ``compute``, same cross-process reduction; ``update`` does one ``argmax``, one comparison,
+    one sum and in-place additions to the four states, instead of building them out of place through
+    ``nn.Module.__setattr__`` (about 3x cheaper per batch on a CPU, where the per-batch Python cost is what
+    shows). Micro accuracy needs no ``bincount``, so no sync on CUDA. Inputs are not validated per batch:
+    ``ValidationMixin`` checks their shapes itself and counts out-of-range targets on the device.
+
+    Example:
+        >>> fast, reference = FastMulticlassAccuracy(3), MulticlassAccuracy(3, average="micro")
+        >>> preds, target = torch.tensor([[0.9, 0.1, 0.0], [0.2, 0.7, 0.1], [0.1, 0.1, 0.8]]), torch.tensor([0, 2, 2])
+        >>> fast.update(preds, target); reference.update(preds, target)
+        >>> fast.compute().item() == reference.compute().item(), [fast.tp.item(), fast.fp.item(), fast.tn.item()]
+        (True, [2, 1, 5])
+
+    """
+
+    def __init__(self, num_classes: int, **kwargs: Any) -> None:
+        super().__init__(num_classes, average="micro", validate_args=False, **kwargs)
+
+    def update(self, preds: Tensor, target: Tensor) -> None:
+        """Add a batch: ``preds`` as scores ``(N, C, ...)`` or labels ``(N, ...)``, ``target`` as labels."""
+        tp, num_classes = self.tp, self.num_classes
+        if not isinstance(tp, Tensor) or num_classes is None or self.top_k != 1 or self.ignore_index is not None:
+            super().update(preds, target)
+            return
+        if preds.ndim == target.ndim + 1:
+            preds = preds.argmax(dim=1)
+        n = target.numel()
+        correct = (preds == target).sum()
+        wrong = n - correct
+        # tn = C * n - (tp + fp + fn), as torchmetrics counts it for micro averaging
+        stats = ((correct, "tp"), (wrong, "fp"), (wrong, "fn"), (correct + (num_classes - 2) * n, "tn"))
+        if tp.is_inference() and not torch.is_inference_mode_enabled():
+            for value, name in stats:  # states made under inference_mode cannot be changed in place outside it
+                setattr(self, name, getattr(self, name) + value)
+            return
+        for value, name in stats:
+            getattr(self, name).add_(value)
+
+
+def default_metrics(num_classes: int | None) -> dict[str, Metric]:
+    """``{"acc": FastMulticlassAccuracy(num_classes)}`` (micro accuracy), or ``{}`` when ``num_classes`` is ``None``.
 
     Example:
         >>> default_metrics(10)
-        {'acc': MulticlassAccuracy()}
+        {'acc': FastMulticlassAccuracy()}
 
     """
     if num_classes is None:
         return {}
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
         raise ValueError(f"Expected `num_classes` to be an int >= 2 but got {num_classes!r}.")
-    return {"acc": MulticlassAccuracy(num_classes, average="micro", validate_args=False)}
+    return {"acc": FastMulticlassAccuracy(num_classes)}
 
 
 def _per_class_hint(metric: Metric) -> str | None:

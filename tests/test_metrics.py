@@ -10,6 +10,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from lightning_validate.metrics import (
     _FOLD_EVERY,
+    FastMulticlassAccuracy,
     LossAccumulator,
     PaddingFilter,
     TargetRange,
@@ -184,3 +185,32 @@ def test_check_metrics_accepts_dicts_and_collections():
 def test_check_metrics_errors(metrics, error, match):
     with pytest.raises(error, match=match):
         check_metrics(metrics)
+
+
+@pytest.mark.parametrize("shape", [(50,), (20, 7)])
+def test_fast_accuracy_equals_torchmetrics(shape):
+    gen = torch.Generator().manual_seed(1)
+    fast, reference = FastMulticlassAccuracy(5), MulticlassAccuracy(5, average="micro")
+    for _ in range(3):
+        preds = torch.randn(shape[0], 5, *shape[1:], generator=gen)
+        target = torch.randint(0, 5, shape, generator=gen)
+        fast.update(preds, target)
+        reference.update(preds, target)
+        fast.update(preds.argmax(1), target)  # labels work too
+        reference.update(preds.argmax(1), target)
+    for name in ("tp", "fp", "tn", "fn"):
+        assert getattr(fast, name).tolist() == getattr(reference, name).tolist()
+    assert fast.compute().item() == reference.compute().item()
+
+
+def test_fast_accuracy_states_made_under_inference_mode_still_update_outside():
+    fast = FastMulticlassAccuracy(3)
+    with torch.inference_mode():
+        fast.reset()
+        fast.update(torch.eye(3), torch.tensor([0, 1, 1]))
+    assert fast.tp.is_inference()
+    fast.update(torch.eye(3), torch.tensor([0, 1, 2]))  # in place would raise here
+    assert fast.compute().item() == pytest.approx(5 / 6)
+    sample_wise = FastMulticlassAccuracy(3, multidim_average="samplewise")  # falls back to torchmetrics' update
+    sample_wise.update(torch.eye(3)[None].repeat(2, 1, 1).transpose(1, 2), torch.tensor([[0, 1, 2], [0, 0, 0]]))
+    assert sample_wise.compute().tolist() == pytest.approx([1.0, 1 / 3])
