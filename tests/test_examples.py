@@ -17,10 +17,12 @@ EXAMPLES = ROOT / "examples"
 
 
 def _run(*args: str, timeout: float = 120) -> str:
+    # Unbuffered, stderr into stdout: the warnings and the prints come out in the order a user sees them.
     proc = subprocess.run(
-        [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False
+        [sys.executable, "-u", *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        timeout=timeout, check=False,
     )
-    out = proc.stdout + proc.stderr
+    out = proc.stdout
     assert proc.returncode == 0, f"{args} exited {proc.returncode}:\n{out[-4000:]}"
     return out
 
@@ -55,6 +57,9 @@ def test_catch_a_bug_reports_the_unfrozen_batchnorm_with_its_fix() -> None:
     assert "on_validation_model_train" in out, out  # the fix names the override to remove
     assert "findings: buggy " in out and ", fixed 0" in out, out
     assert not re.search(r"findings: buggy 0,", out), out
+    shown = re.search(r"\$ python examples/catch_a_bug\.py\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    assert shown, "README.md lost the output block of examples/catch_a_bug.py"
+    assert shown.group(1).strip() == out.strip(), "README.md shows an outdated output of catch_a_bug.py; paste:\n" + out
 
 
 def test_digits_fast_run_writes_logs_plot_and_reports_test_accuracy(tmp_path: Path) -> None:
