@@ -602,12 +602,23 @@ class ModeCheck(Callback):
                                        allow_train_mode=self.allow_train_mode) if f.code != "LV205"]
         if run.stage in self._restore_hooked:
             findings = [f for f in findings if f.code != "LV203"]  # compared after the restore override instead
-        findings = [f for f in findings if not (f.code == "LV202" and matches_any(_owner(f.module),
-                                                                                    self.allow_train_mode))]
+        findings = [f for f in findings if not (f.code == "LV202" and (self._buffers_broadcast() or matches_any(
+            _owner(f.module), self.allow_train_mode)))]
         if findings:
             findings = self._attribute(run, findings)
         self._metrics_close(run.stage, epoch_end=True)
         self._report(findings)
+
+    def _buffers_broadcast(self) -> bool:
+        """Whether DDP overwrites this rank's buffers with rank zero's at every forward (``broadcast_buffers``).
+
+        BatchNorm statistics then legitimately change during evaluation on every rank but zero, which keeps its
+        own: buffer changes are checked on rank zero only.
+        """
+        trainer = self._trainer
+        if trainer is None or trainer.world_size <= 1 or trainer.global_rank == 0:
+            return False
+        return bool(getattr(trainer.model, "broadcast_buffers", False))
 
     def _finish_pending_eval(self, boundary: str) -> None:
         if self._eval is not None and not self._eval.finished:
