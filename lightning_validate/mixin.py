@@ -102,6 +102,7 @@ class _State:
     """The mixin's run-time state, kept in one plain attribute (not a submodule)."""
 
     templates: dict[str, Metric] | None = None
+    aside: dict[str, nn.ModuleDict] = field(default_factory=dict)  # clones not registered yet (see _lv_container)
     num_classes: int | None = None
     default_in_use: bool = False
     epochs: dict[str, _Epoch] = field(default_factory=dict)
@@ -126,7 +127,12 @@ class ValidationMixin(_Base):
     ``train/<name>``. The loss is the exact per-sample mean; under DDP the samples ``DistributedSampler`` repeats
     to pad the ranks are not counted. ``metrics_history`` keeps one record per training epoch of ``fit``
     (``{"epoch": 0, "train/loss": ..., "val/acc": ...}``), without the sanity check and without
-    ``trainer.validate()``/``trainer.test()`` runs (those return their values).
+    ``trainer.validate()``/``trainer.test()`` runs (those return their values). The metric clones are registered
+    as ``self.lv_metrics["val_0"]["acc"]`` (stage and dataloader index), created in ``setup``.
+
+    Under DDP, each rank counts only the samples its ``DistributedSampler`` does not repeat (the sampler Lightning
+    injects, or your own); with any other sampler nothing is removed. The running values on the bar are rank 0's
+    own; the logged values cover all ranks. ``drop_last=True`` drops samples here as on one process.
 
     Class attributes you may set:
         on_bad_values: ``"warn"`` (default) or ``"raise"`` when an epoch had non-finite losses or targets
@@ -257,6 +263,9 @@ class ValidationMixin(_Base):
             names = self._lv_names(s)
             for i in range(max(1, len(names) if names else 1)):
                 self._lv_container(s, i)
+        for key in list(self._lv.aside):  # dataloaders first seen in an earlier run
+            stage_name, index = key.rsplit("_", 1)
+            self._lv_container(stage_name, int(index))  # type: ignore[arg-type]
 
     @override
     def on_train_epoch_start(self) -> None:
@@ -366,22 +375,34 @@ class ValidationMixin(_Base):
             )
         return names
 
-    def _lv_container(self, stage: Stage, index: int) -> nn.ModuleDict:
-        """Return the registered metric clones of ``stage`` and dataloader ``index``, created on first use."""
+    def _lv_container(self, stage: Stage, index: int, register: bool = True) -> nn.ModuleDict:
+        """Return the metric clones of ``stage`` and dataloader ``index``, created on first use.
+
+        Registered under ``self.lv_metrics[f"{stage}_{index}"]`` when made in ``setup`` (so they move with the
+        model). A dataloader first seen inside an evaluation epoch gets clones kept aside until the next
+        ``setup`` registers them: adding submodules during evaluation would change the model evaluation runs on
+        (``ModeCheck`` reports that as LV206); meanwhile they follow the model's device at each epoch start.
+        """
+        key = f"{stage}_{index}"  # flat keys: a ModuleDict cannot hold a key named "train" (nn.Module.train)
         root = self._modules.get("lv_metrics")
+        if isinstance(root, nn.ModuleDict) and key in root:
+            found = root[key]
+            assert isinstance(found, nn.ModuleDict)
+            return found
+        state = self._lv
+        container = state.aside.pop(key, None)
+        if container is None:
+            with torch.inference_mode(False):
+                container = nn.ModuleDict({name: m.clone() for name, m in (state.templates or {}).items()})
+        container = container.to(self.device)
+        if not register:
+            state.aside[key] = container
+            return container
         if not isinstance(root, nn.ModuleDict):
             root = nn.ModuleDict()
             self.lv_metrics = root
-        key = f"{stage}_{index}"  # flat keys: a ModuleDict cannot hold a key named "train" (nn.Module.train)
-        if key not in root:
-            templates = self._lv.templates or {}
-            with torch.inference_mode(False):
-                container = nn.ModuleDict({name: m.clone() for name, m in templates.items()})
-            # A clone made during evaluation takes the current mode, like the rest of the model.
-            root[key] = container.to(self.device).train(self.training)
-        result = root[key]
-        assert isinstance(result, nn.ModuleDict)
-        return result
+        root[key] = container.train(self.training)
+        return container
 
     def _lv_eval_loaders(self, stage: Stage) -> list[object | None]:
         trainer = self.trainer
@@ -423,7 +444,7 @@ class ValidationMixin(_Base):
         ignore_index = getattr(criterion, "ignore_index", None)
         epoch = _Epoch(loaders=[], check_default=state.default_in_use and use_metrics)
         for i, dl in enumerate(loaders):
-            container = self._lv_container(stage, i)
+            container = self._lv_container(stage, i, register=False)
             with torch.inference_mode(False):  # fresh states that a later `fit` can update in place
                 for metric in container.values():
                     if isinstance(metric, Metric):

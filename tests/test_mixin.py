@@ -481,3 +481,17 @@ def test_update_metrics_outside_an_epoch_says_so():
         Lit().update_metrics("val", torch.zeros(2, 10), torch.zeros(2, dtype=torch.long))
     with pytest.raises(RuntimeError, match=r"Expected argument `stage` to be 'train', 'val' or 'test' but got 'valid'"):
         Lit().update_metrics("valid", torch.zeros(2, 10), torch.zeros(2, dtype=torch.long))
+
+
+def test_mode_check_sees_no_change_from_the_mixin(digits):
+    """Metric clones for a dataloader first seen during evaluation are registered only at the next setup."""
+    from lightning_validate import ModeCheck
+
+    x, y = digits
+    parts = [loader(x[:200], y[:200]), loader(x[200:400], y[200:400])]
+    model = Lit()
+    t = trainer(max_epochs=1, limit_train_batches=2, callbacks=[ModeCheck(on_violation="raise", verbose=False)])
+    t.validate(model, parts, verbose=False)
+    assert sorted(model.lv_metrics) == ["val_0"]
+    t.fit(model, parts[0], parts)
+    assert sorted(model.lv_metrics) == ["train_0", "val_0", "val_1"]

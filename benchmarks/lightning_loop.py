@@ -1,0 +1,176 @@
+"""Lightning validation side by side: a forward-only step, the documented idiom, ``ValidationMixin`` (+ ``ModeCheck``).
+
+Same MLP (BatchNorm, Dropout), same weights, same 200 in-memory batches of 64 (plus a short last batch of 5),
+``trainer.validate`` on each variant in turn, interleaved repetitions, median of 7. Two clocks:
+
+- loop: from the first ``on_validation_epoch_start`` to ``on_validation_end`` (a callback), i.e. the batches and
+  the epoch-end work (compute, reduce, log), without Lightning's per-call setup;
+- call: the whole ``trainer.validate()`` call.
+
+Bars are off except in the rows that say so (those write to os.devnull: terminal I/O would time the terminal).
+
+    python benchmarks/lightning_loop.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import lightning
+import lightning.pytorch as pl
+import torch
+import torchmetrics
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+from torchmetrics import MeanMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+from lightning_validate import ValidationMixin
+
+FEATURES, HIDDEN, CLASSES = 64, 512, 10
+
+try:
+    from lightning_validate import ModeCheck
+except ImportError:  # being written elsewhere; the table says "pending"
+    ModeCheck = None
+
+
+def make_net() -> nn.Module:
+    return nn.Sequential(
+        nn.Linear(FEATURES, HIDDEN), nn.BatchNorm1d(HIDDEN), nn.ReLU(), nn.Dropout(0.1),
+        nn.Linear(HIDDEN, HIDDEN), nn.BatchNorm1d(HIDDEN), nn.ReLU(), nn.Dropout(0.1),
+        nn.Linear(HIDDEN, CLASSES),
+    )
+
+
+class Base(pl.LightningModule):
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+        self.criterion = nn.CrossEntropyLoss()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class Floor(Base):
+    """Forward only: what Lightning costs with no loss and no metric."""
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self(batch[0])
+
+
+class Idiom(Base):
+    """Lightning's documented idiom: torchmetrics objects (defaults) updated and logged every step."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__(net)
+        self.val_loss = MeanMetric()
+        self.val_acc = MulticlassAccuracy(CLASSES, average="micro")
+
+    def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        out = self(x)
+        loss = self.criterion(out, y)
+        self.val_loss(loss, weight=len(y))
+        self.val_acc(out, y)
+        self.log("val/loss", self.val_loss)
+        self.log("val/acc", self.val_acc)
+        return loss
+
+
+class Mixin(ValidationMixin, Base):
+    num_classes = CLASSES
+
+
+class LoopTimer(pl.Callback):
+    """Seconds from the first epoch start to the end of validation."""
+
+    def __init__(self) -> None:
+        self.start = 0.0
+        self.elapsed = 0.0
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.start = time.perf_counter()
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.elapsed = time.perf_counter() - self.start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--batches", type=int, default=200)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    torch.manual_seed(0)
+    net = make_net()
+    n = args.batches * args.batch_size + 5
+    data = TensorDataset(torch.randn(n, FEATURES), torch.randint(0, CLASSES, (n,)))
+    loader = DataLoader(data, batch_size=args.batch_size)
+    batches = len(loader)
+
+    def run(module: pl.LightningModule, bar: bool = False, callbacks: list[pl.Callback] | None = None
+            ) -> Callable[[LoopTimer], object]:
+        def go(timer: LoopTimer) -> object:
+            trainer = pl.Trainer(
+                accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_model_summary=False,
+                enable_progress_bar=bar, callbacks=[timer, *(callbacks or [])],
+            )
+            return trainer.validate(module, loader, verbose=False)
+        return go
+
+    floor = "Lightning, forward-only `validation_step` (the floor)"
+    variants: dict[str, Callable[[LoopTimer], object]] = {
+        floor: run(Floor(net)),
+        "documented idiom: `self.log(name, metric)` every step, `MeanMetric` + `MulticlassAccuracy`": run(Idiom(net)),
+        "`ValidationMixin` (exact loss + default micro accuracy, `FastMulticlassAccuracy`)": run(Mixin(net)),
+    }
+    if ModeCheck is not None:
+        variants["`ValidationMixin` + `ModeCheck()`"] = run(Mixin(net), callbacks=[ModeCheck(verbose=False)])
+    variants["forward-only step, TQDM bar on"] = run(Floor(net), bar=True)
+    variants["`ValidationMixin`, TQDM bar on (running values, 0.25 s throttle)"] = run(Mixin(net), bar=True)
+
+    loop: dict[str, list[float]] = {name: [] for name in variants}
+    call: dict[str, list[float]] = {name: [] for name in variants}
+    with open(os.devnull, "w") as devnull, contextlib.redirect_stderr(devnull), contextlib.redirect_stdout(devnull):
+        for fn in variants.values():  # warm-up
+            fn(LoopTimer())
+        for _ in range(args.repeats):
+            for name, fn in variants.items():
+                timer = LoopTimer()
+                start = time.perf_counter()
+                fn(timer)
+                call[name].append(time.perf_counter() - start)
+                loop[name].append(timer.elapsed)
+
+    med_loop = {name: statistics.median(ts) for name, ts in loop.items()}
+    med_call = {name: statistics.median(ts) for name, ts in call.items()}
+    print(f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, lightning {lightning.__version__}, "
+          f"torchmetrics {torchmetrics.__version__}, Python {platform.python_version()}; "
+          f"{torch.get_num_threads()} torch threads; batch {args.batch_size}, {batches} batches, "
+          f"median of {args.repeats}; load average before: {os.getloadavg()[0]:.2f}\n")
+    if ModeCheck is None:
+        print("(`ValidationMixin` + `ModeCheck`: pending, `lightning_validate.ModeCheck` not importable)\n")
+    print("| variant | loop ms/batch | loop ratio to the floor | call ms | call ratio to the floor |")
+    print("|---|---|---|---|---|")
+    bar_floor = "forward-only step, TQDM bar on"
+    for name in variants:
+        base = bar_floor if "bar on" in name else floor
+        print(f"| {name} | {med_loop[name] / batches * 1e3:.3f} | {med_loop[name] / med_loop[base]:.2f} | "
+              f"{med_call[name] * 1e3:.0f} | {med_call[name] / med_call[base]:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
