@@ -248,6 +248,8 @@ class ModeCheck(Callback):
         self._train_reopen = False
         self._metrics: dict[str, _MetricTrack] = {}
         self._metric_objects: dict[str, nn.Module] = {}
+        self._metrics_index: ModeIndex | None = None
+        self._index: ModeIndex | None = None
 
     # ----------------------------------------------------------------------------------------------------------
     # Lightning hooks: one to three lines each, the work is in the helpers below.
@@ -338,7 +340,7 @@ class ModeCheck(Callback):
         self._stage, self._trainer, self._module = str(getattr(stage, "value", stage)), trainer, pl_module
         self._disabled, self._eval, self._restore_hooked = False, None, set()
         self._train_epoch_first = self._train_reopen = False
-        self._metrics, self._metric_objects = {}, {}
+        self._metrics, self._metric_objects, self._metrics_index, self._index = {}, {}, None, None
         with self._guard("setup"):
             self._install(trainer, pl_module, self._stage)
 
@@ -548,8 +550,10 @@ class ModeCheck(Callback):
         self._metrics_close("train", epoch_end=False)
         self._train_reopen = True
         baseline = take_snapshot(self._module, content=True, grads=True)
-        self._eval = _EvalRun(stage, self._phase(stage), baseline,
-                              ModeIndex(self._module, self.allow_train_mode), [_Mark(baseline)])
+        index = self._index
+        if index is None or index.model is not self._module or index.names != list(baseline.modes):
+            index = self._index = ModeIndex(self._module, self.allow_train_mode)  # the structure changed: walk again
+        self._eval = _EvalRun(stage, self._phase(stage), baseline, index, [_Mark(baseline)])
         self._count(boundary or f"on_{stage}_model_eval")
 
     def _ensure_eval(self, stage: str, boundary: str) -> None:
@@ -596,10 +600,9 @@ class ModeCheck(Callback):
         self._remove_probe(run)
         if run.dirty or len(run.marks) == 1:
             run.marks.append(_Mark(take_snapshot(self._module, content=True, grads=True), batches=run.batches))
-        end = run.marks[-1].snapshot
+        end = _same_modes(run.marks[-1].snapshot, run.baseline)
         self._count(boundary)
-        findings = [f for f in compare(run.baseline, end, phase=run.phase, boundary=boundary,
-                                       allow_train_mode=self.allow_train_mode) if f.code != "LV205"]
+        findings = compare(run.baseline, end, phase=run.phase, boundary=boundary)
         if run.stage in self._restore_hooked:
             findings = [f for f in findings if f.code != "LV203"]  # compared after the restore override instead
         findings = [f for f in findings if not (f.code == "LV202" and (self._buffers_broadcast() or matches_any(
@@ -631,7 +634,8 @@ class ModeCheck(Callback):
             if a.snapshot is b.snapshot:
                 continue
             label = b.after_hook or ("the evaluation steps" if b.batches > a.batches else "")
-            found = [f for f in compare(a.snapshot, b.snapshot, phase=run.phase) if f.code not in ("LV203", "LV205")]
+            found = [f for f in compare(a.snapshot, _same_modes(b.snapshot, a.snapshot), phase=run.phase)
+                     if f.code != "LV203"]
             segments.append((label, b.trusted and bool(b.after_hook), found))
         kept: list[Finding] = []
         for f in findings:
@@ -742,6 +746,9 @@ class ModeCheck(Callback):
     # torchmetrics objects (LV401, LV402)
 
     def _discover_metrics(self, index: ModeIndex) -> None:
+        if index is self._metrics_index:
+            return
+        self._metrics_index = index
         found: dict[str, nn.Module] = {}
         inside: list[str] = []
         for name, module in zip(index.names, index.modules, strict=True):
@@ -792,6 +799,16 @@ class ModeCheck(Callback):
 
 # --------------------------------------------------------------------------------------------------------------
 # Helpers
+
+
+def _same_modes(snapshot: Snapshot, like: Snapshot) -> Snapshot:
+    """``snapshot`` with the modes of ``like`` where both have a submodule: for comparing content only.
+
+    Inside an evaluation every mode differs from the baseline (``.eval()``); those are checked elsewhere, and
+    grouping a thousand mode flips only to drop them would cost more than the content comparison.
+    """
+    modes = {n: like.modes.get(n, m) for n, m in snapshot.modes.items()}
+    return replace(snapshot, modes=modes)
 
 
 def _differs(value: object, default: object) -> bool:
