@@ -347,15 +347,21 @@ class ModeCheck(Callback):
     def _end_run(self, status: str) -> None:
         if self._trainer is None:  # hooks called twice (teardown after on_exception) or never set up
             return
-        if not self._disabled:
-            with self._guard("teardown"):
-                self._finish_pending_eval("teardown")
+        error: ModeCheckError | None = None
+        if status == "finished" and not self._disabled:  # after an exception, the user's error is the one to see
+            try:
+                with self._guard("teardown"):
+                    self._finish_pending_eval("teardown")
+            except ModeCheckError as err:
+                error = err
         self._uninstall()
         trainer, self._trainer, self._module, self._eval = self._trainer, None, None, None
         if self.report_path is not None:
-            self._write_report(trainer, status)
+            self._write_report(trainer, status if error is None else "interrupted")
         if self.verbose and status == "finished" and trainer.is_global_zero:
             print(self.summary())
+        if error is not None:
+            raise error
 
     def summary(self) -> str:
         """Describe the run so far: boundaries checked and findings by code, as a small table.

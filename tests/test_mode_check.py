@@ -539,3 +539,15 @@ def test_hooks_called_directly() -> None:
             check.on_validation_batch_end(t, model, None, None, 0)
     check.on_exception(t, model, RuntimeError())
     assert check.summary().startswith("ModeCheck (validate): 5 boundaries checked, 1 distinct finding:")
+
+
+def test_user_error_during_validation_passes_through_untouched() -> None:
+    class Failing(Net):
+        def validation_step(self, batch: Any, batch_idx: int) -> None:
+            self.head[1].weight.data.zero_()  # would be LV201 at the end of validation, which never comes
+            raise KeyError("user bug")
+
+    model = Failing()
+    with pytest.raises(KeyError, match="user bug"):
+        fit(model, ModeCheck(on_violation="raise"))
+    assert not any(k.startswith("on_") for k in model.__dict__)
