@@ -198,9 +198,41 @@ def test_fast_accuracy_equals_torchmetrics(shape):
         reference.update(preds, target)
         fast.update(preds.argmax(1), target)  # labels work too
         reference.update(preds.argmax(1), target)
-    for name in ("tp", "fp", "tn", "fn"):
-        assert getattr(fast, name).tolist() == getattr(reference, name).tolist()
     assert fast.compute().item() == reference.compute().item()
+    for name in ("tp", "fp", "tn", "fn"):  # up to date once read through compute()
+        assert getattr(fast, name).tolist() == getattr(reference, name).tolist()
+
+
+def test_fast_accuracy_pending_counts_reach_every_reader():
+    gen = torch.Generator().manual_seed(2)
+    batches = [
+        (torch.randn(8, 4, generator=gen), torch.randint(0, 4, (8,), generator=gen)) for _ in range(_FOLD_EVERY + 3)
+    ]
+    fast, reference = FastMulticlassAccuracy(4), MulticlassAccuracy(4, average="micro")
+    for preds, target in batches:
+        fast.update(preds, target)
+        reference.update(preds, target)
+    copy = fast.clone()  # pending counts travel with a copy
+    assert copy.compute().item() == reference.compute().item()
+    state = FastMulticlassAccuracy(4, sync_on_compute=False)
+    state.persistent(True)
+    state.update(*batches[0])
+    assert state.state_dict()["tp"].item() == (batches[0][0].argmax(1) == batches[0][1]).sum().item()
+    other = FastMulticlassAccuracy(4)
+    other.update(*batches[1])
+    fast.merge_state(other)
+    reference.update(*batches[1])
+    assert fast.compute().item() == reference.compute().item()
+    batch_value = fast(*batches[2])  # forward: the batch's value, and accumulated
+    reference.update(*batches[2])
+    assert batch_value.item() == MulticlassAccuracy(4, average="micro")(*batches[2]).item()
+    assert fast.compute().item() == reference.compute().item()
+    fast.update(*batches[3])
+    moved = fast.to(torch.float64)
+    assert moved.tp.item() == fast.tp.item() and not fast.__dict__["_pending"]
+    fast.reset()
+    fast.update(*batches[0])
+    assert fast.compute().item() == (batches[0][0].argmax(1) == batches[0][1]).double().mean().item()
 
 
 def test_fast_accuracy_states_made_under_inference_mode_still_update_outside():
