@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from lightning_validate import ValidationMixin
+from lightning_validate.metrics import FastMulticlassAccuracy
 
 BATCH = 64
 WORLD = 2
@@ -32,7 +33,11 @@ class DigitsModel(ValidationMixin, pl.LightningModule):
         return self.net(x)
 
     def configure_metrics(self):
-        return {"acc": MulticlassAccuracy(10, average="micro"), "f1": MulticlassF1Score(10, average="macro")}
+        return {
+            "acc": MulticlassAccuracy(10, average="micro"),
+            "f1": MulticlassF1Score(10, average="macro"),
+            "fast_acc": FastMulticlassAccuracy(10),  # the default metric: pending counts must reach the sync
+        }
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.2)
@@ -97,5 +102,6 @@ def test_fit_under_ddp_logs_the_single_process_values(digits):
         naive = reference(model, px, py, duplicate_first=True)
         for metric in ("loss", "acc", "f1"):
             assert logged[f"val/{metric}/{name}"] == pytest.approx(ref[metric], abs=1e-6)
+        assert logged[f"val/fast_acc/{name}"] == pytest.approx(ref["acc"], abs=1e-6)
         assert abs(logged[f"val/loss/{name}"] - naive["loss"]) > 1e-5  # counting the repeat would show
     assert {"train/loss_epoch", "train/acc", "train/f1"} <= set(logged)
