@@ -538,7 +538,7 @@ def test_hooks_called_directly() -> None:
         with pytest.raises(ModeCheckError, match=r"LV101 .*`head.0` at validation/on_validation_batch_end"):
             check.on_validation_batch_end(t, model, None, None, 0)
     check.on_exception(t, model, RuntimeError())
-    assert check.summary().startswith("ModeCheck (validate): 5 boundaries checked, 1 distinct finding:")
+    assert check.summary().startswith("ModeCheck (validate): 4 boundaries checked, 1 distinct finding:")
 
 
 def test_user_error_during_validation_passes_through_untouched() -> None:
