@@ -86,6 +86,7 @@ class _Loader:
     metrics: list[tuple[str, Metric]]
     suffix: str
     throttle: Throttle
+    unchecked: bool = True  # the default metric's shape contract is checked on the first batch
 
 
 @dataclass
@@ -235,8 +236,9 @@ class ValidationMixin(_Base):
             outputs, target = take_first(outputs, n, keep), take_first(target, n, keep)
         if isinstance(outputs, Tensor) and isinstance(target, Tensor) and outputs.shape[:1] != target.shape[:1]:
             raise ValueError(_shape_error(outputs, target))
-        if epoch.check_default:
+        if epoch.check_default and loader.unchecked:
             self._lv_check_default(outputs, target)
+            loader.unchecked = False
         loss = self._lv_loss(outputs, target)
         loader.loss.update(loss, keep)
         if loader.targets is not None and isinstance(target, Tensor):
@@ -442,6 +444,12 @@ class ValidationMixin(_Base):
         criterion = getattr(self, "criterion", None)
         reduction = "sum" if getattr(criterion, "reduction", "mean") == "sum" else "mean"
         ignore_index = getattr(criterion, "ignore_index", None)
+        # CrossEntropyLoss and NLLLoss reject class indices out of range themselves (an error on the CPU, a
+        # device-side assert on CUDA): counting them too would only cost time.
+        count_targets = state.num_classes is not None and not (
+            type(self).compute_loss is ValidationMixin.compute_loss
+            and type(criterion) in (nn.CrossEntropyLoss, nn.NLLLoss)
+        )
         epoch = _Epoch(loaders=[], check_default=state.default_in_use and use_metrics)
         for i, dl in enumerate(loaders):
             container = self._lv_container(stage, i, register=False)
@@ -455,7 +463,7 @@ class ValidationMixin(_Base):
                     loss=LossAccumulator(reduction),
                     targets=(
                         TargetRange(state.num_classes, ignore_index if isinstance(ignore_index, int) else None)
-                        if state.num_classes is not None
+                        if count_targets and state.num_classes is not None
                         else None
                     ),
                     padding=PaddingFilter(None if dl is None else real_samples(dl)),
