@@ -1,7 +1,7 @@
 """Lightning validation side by side: a forward-only step, the documented idiom, ``ValidationMixin`` (+ ``ModeCheck``).
 
 Same MLP (BatchNorm, Dropout), same weights, same 200 in-memory batches of 64 (plus a short last batch of 5),
-``trainer.validate`` on each variant in turn, interleaved repetitions, median of 11. Two clocks:
+``trainer.validate`` on each variant in turn, interleaved repetitions in a shuffled order, median of 15. Two clocks:
 
 - loop: CPU time of the main thread from ``on_validation_epoch_start`` to ``on_validation_end`` (a callback): the
   batches and the epoch-end work (compute, reduce, log), without Lightning's per-call setup. Thread CPU time, with
@@ -21,6 +21,7 @@ import contextlib
 import gc
 import os
 import platform
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -111,7 +112,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--batches", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=11)
+    parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads; the loop clock needs 1")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -149,8 +150,12 @@ def main() -> None:
     with open(os.devnull, "w") as devnull, contextlib.redirect_stderr(devnull), contextlib.redirect_stdout(devnull):
         for fn in variants.values():  # warm-up
             fn(LoopTimer())
+        order = list(variants)
+        shuffler = random.Random(0)
         for _ in range(args.repeats):
-            for name, fn in variants.items():
+            shuffler.shuffle(order)  # a variant's position in a round changed its time by up to 15%: vary it
+            for name in order:
+                fn = variants[name]
                 gc.collect()  # garbage left by the previous variant would be collected during this one
                 timer = LoopTimer()
                 start = time.perf_counter()
