@@ -163,7 +163,8 @@ class ModeCheck(Callback):
         verbose: print the end-of-run summary.
 
     Attributes:
-        findings: the distinct findings of the latest run, first occurrence first.
+        findings: the distinct findings of every run of this callback (``fit`` then ``test`` keeps both runs'
+            findings), first occurrence first. The summary and the JSON report cover the latest run.
 
     Example:
         >>> import lightning.pytorch as pl
@@ -234,6 +235,7 @@ class ModeCheck(Callback):
         self.verbose = verbose
 
         self.findings: list[Finding] = []
+        self._run_findings: list[Finding] = []
         self._counts: Counter[tuple[str, str, str]] = Counter()
         self._boundaries: Counter[str] = Counter()
         self._pending: list[Finding] = []
@@ -336,7 +338,7 @@ class ModeCheck(Callback):
 
     def _start_run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._uninstall()
-        self.findings, self._counts, self._boundaries, self._pending = [], Counter(), Counter(), []
+        self._run_findings, self._counts, self._boundaries, self._pending = [], Counter(), Counter(), []
         self._stage, self._trainer, self._module = str(getattr(stage, "value", stage)), trainer, pl_module
         self._disabled, self._eval, self._restore_hooked = False, None, set()
         self._train_epoch_first = self._train_reopen = False
@@ -373,10 +375,10 @@ class ModeCheck(Callback):
         """
         total = sum(self._boundaries.values())
         where = f" ({self._stage})" if self._stage else ""
-        if not self.findings:
+        if not self._run_findings:
             return f"ModeCheck{where}: {total} boundaries checked, no findings."
         by_code: dict[str, list[Finding]] = {}
-        for f in self.findings:
+        for f in self._run_findings:
             by_code.setdefault(f.code, []).append(f)
         rows = [("code", "title", "seen", "modules")]
         for code in sorted(by_code):
@@ -385,8 +387,8 @@ class ModeCheck(Callback):
             modules = ", ".join(dict.fromkeys(f.module for f in fs))
             rows.append((code, CODES.get(code, ""), str(seen), modules if len(modules) <= 60 else modules[:57] + "..."))
         widths = [max(len(r[i]) for r in rows) for i in range(4)]
-        lines = [f"ModeCheck{where}: {total} boundaries checked, {len(self.findings)} distinct "
-                 f"finding{'s' if len(self.findings) != 1 else ''}:"]
+        lines = [f"ModeCheck{where}: {total} boundaries checked, {len(self._run_findings)} distinct "
+                 f"finding{'s' if len(self._run_findings) != 1 else ''}:"]
         for i, row in enumerate(rows):
             lines.append("  " + "  ".join(c.ljust(w) if j != 2 else c.rjust(w) for j, (c, w) in
                                           enumerate(zip(row, widths, strict=True))).rstrip())
@@ -409,7 +411,7 @@ class ModeCheck(Callback):
             "world_size": trainer.world_size,
             "boundaries_checked": dict(sorted(self._boundaries.items())),
             "total_boundaries": sum(self._boundaries.values()),
-            "findings": [{**f.to_dict(), "count": self._counts[f.key]} for f in self.findings],
+            "findings": [{**f.to_dict(), "count": self._counts[f.key]} for f in self._run_findings],
         }
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(report, indent=2) + "\n")
@@ -424,8 +426,13 @@ class ModeCheck(Callback):
             self._counts[f.key] += 1
             if self._counts[f.key] > 1:
                 continue
-            self.findings.append(f)
+            self._run_findings.append(f)
+            known = any(g.key == f.key for g in self.findings)
+            if not known:
+                self.findings.append(f)
             if self.on_violation == "warn":
+                if known:  # warned in an earlier run of this callback: once per distinct finding
+                    continue
                 rank_zero_warn(f.message, category=ModeCheckWarning)
             elif self._world_size() > 1:
                 self._pending.append(f)  # raised together with the other ranks at the next `_sync`

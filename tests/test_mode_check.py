@@ -551,3 +551,31 @@ def test_user_error_during_validation_passes_through_untouched() -> None:
     with pytest.raises(KeyError, match="user bug"):
         fit(model, ModeCheck(on_violation="raise"))
     assert not any(k.startswith("on_") for k in model.__dict__)
+
+
+class ClampsInValidation(Net):
+    """Writes parameters through `.data` at the end of each validation epoch (an EMA or clipping in the wrong hook)."""
+
+    def on_validation_epoch_end(self) -> None:
+        for p in self.parameters():
+            p.data.clamp_(-0.01, 0.01)
+
+
+def test_findings_accumulate_across_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    model, check = ClampsInValidation(), ModeCheck()
+    t = trainer(check)
+    with pytest.warns(ModeCheckWarning, match=r"LV201 parameter changed by evaluation: `.*` at "
+                                              r"(sanity_check|validation)/on_validation_end: .*Fix: do not write "
+                                              r"parameters during evaluation"):
+        t.fit(model, loader(), loader(16, seed=1))
+    after_fit = list(check.findings)
+    assert {f.code for f in after_fit} == {"LV201"}
+    with torch.no_grad():  # put the weights outside the clamp range again, so validate() changes them once more
+        for p in model.parameters():
+            p.fill_(0.5)
+    with pytest.warns(ModeCheckWarning, match=r"LV201"):
+        t.validate(model, loader(16, seed=1), verbose=False)
+    assert check.findings[: len(after_fit)] == after_fit  # fit's findings are kept after validate()
+    assert len(check.findings) > len(after_fit)
+    out = capsys.readouterr().out
+    assert "LV201" in out.split("ModeCheck (validate):")[1]  # the summary covers the latest run
