@@ -23,7 +23,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
@@ -185,7 +185,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         devices=1,
         deterministic=True,
         logger=logger,
-        callbacks=[mode_check, checkpoint],
+        # TQDM named explicitly: with `rich` installed Lightning would pick its Rich bar, which has no postfix.
+        callbacks=[mode_check, checkpoint, *([] if args.no_progress_bar else [TQDMProgressBar()])],
         log_every_n_steps=1,
         enable_model_summary=False,
         enable_progress_bar=not args.no_progress_bar,

@@ -344,14 +344,13 @@ def test_tqdm_bar_shows_running_values_throttled(digits, monkeypatch):
         progress_interval = 0.0
 
     reads.clear()
-    trainer(enable_progress_bar=True).validate(EveryBatch(), loader(x, y), verbose=False)
+    trainer(enable_progress_bar=True, callbacks=[TQDMProgressBar()]).validate(EveryBatch(), loader(x, y), verbose=False)
     assert len(reads) == math.ceil(len(y) / BATCH)
 
 
 def test_quiet_without_bar_and_with_rich(digits):
     x, y = digits
-    pytest.importorskip("rich")
-    from lightning.pytorch.callbacks import RichProgressBar
+    from lightning.pytorch.callbacks import RichProgressBar  # rich is in the test extra
 
     model = Lit(acc_f1)
     t = trainer(enable_progress_bar=True, callbacks=[RichProgressBar()])
