@@ -38,6 +38,7 @@ from torchmetrics import Metric, MetricCollection
 from tqdm.auto import tqdm  # type: ignore[import-untyped]
 
 from lightning_validate.evaluating import evaluating
+from lightning_validate.metrics import check_metric_dict, describe, sum_dtype, unpack_example
 from lightning_validate.progress import DEFAULT_INTERVAL, Throttle, format_postfix
 
 __all__ = ["validate"]
@@ -190,6 +191,7 @@ def _run(
     """Run the batch loop: on-device sums only; the host learns batch sizes from shapes, never from values."""
     throttle = Throttle(_REFRESH_INTERVAL)
     show_metrics = not (torch.distributed.is_available() and torch.distributed.is_initialized())
+    # Not LossAccumulator: interleaved runs measured validate(criterion=...) ~9% slower with it (benchmarks/).
     loss_sum: Tensor | None = None
     seen = 0
     for batch in dataloader:
@@ -205,7 +207,7 @@ def _run(
             if not isinstance(loss, Tensor) or loss.ndim != 0:
                 raise _criterion_error(loss)
             if loss_sum is None:
-                loss_sum = torch.zeros((), dtype=_sum_dtype(loss.device), device=loss.device)
+                loss_sum = torch.zeros((), dtype=sum_dtype(loss.device), device=loss.device)
             loss_sum.add_(loss.detach(), alpha=n)
         for _, metric in named:
             metric.update(outputs, target)
@@ -232,33 +234,13 @@ def _check_metrics(
         return None, []
     if isinstance(metrics, MetricCollection):
         return metrics, []
-    fix = "`metrics={'accuracy': MulticlassAccuracy(num_classes=10)}` or a `MetricCollection`"
-    if isinstance(metrics, Metric):
-        raise TypeError(
-            f"Expected argument `metrics` to be a dict of torchmetrics metrics or a MetricCollection but got a single "
-            f"{type(metrics).__name__}. Name it: `metrics={{'{type(metrics).__name__.lower()}': metric}}`."
+    items = check_metric_dict(metrics, what="argument `metrics`", example="`metrics={}`")
+    if with_criterion and any(name == "loss" for name, _ in items):
+        raise ValueError(
+            "Expected metric names other than 'loss' when a `criterion` is given ('loss' is the criterion's "
+            "result) but got `metrics['loss']`. Rename it, e.g. `metrics={'my_loss': ...}`."
         )
-    if not isinstance(metrics, Mapping):
-        raise TypeError(
-            f"Expected argument `metrics` to be a dict of torchmetrics metrics or a MetricCollection but got "
-            f"{type(metrics).__name__}. Pass e.g. {fix}."
-        )
-    for name, metric in metrics.items():
-        if not isinstance(name, str):
-            raise TypeError(f"Expected the keys of `metrics` to be str but got {name!r}. Pass e.g. {fix}.")
-        if not isinstance(metric, Metric):
-            hint = (" (a function such as torchmetrics.functional.accuracy keeps no state across batches: use the "
-                    "class, e.g. `MulticlassAccuracy(num_classes=10)`)" if callable(metric) else "")
-            raise TypeError(
-                f"Expected `metrics[{name!r}]` to be a torchmetrics Metric but got {type(metric).__name__}{hint}. "
-                f"Pass e.g. {fix}."
-            )
-        if name == "loss" and with_criterion:
-            raise ValueError(
-                "Expected metric names other than 'loss' when a `criterion` is given ('loss' is the criterion's "
-                "result) but got `metrics['loss']`. Rename it, e.g. `metrics={'my_loss': ...}`."
-            )
-    return None, list(metrics.items())
+    return None, items
 
 
 def _known_len(obj: object) -> int | None:
@@ -310,17 +292,11 @@ def _to_device(obj: Any, device: torch.device) -> Any:
 def _unpack(batch: Any) -> tuple[Any, Any]:
     if isinstance(batch, (tuple, list)) and len(batch) == 2:
         return batch[0], batch[1]
-    if isinstance(batch, Mapping) and len(batch) >= 2:
-        keys = list(batch)
-        example = f"(model(batch[{keys[0]!r}]), batch[{keys[1]!r}])"
-    elif isinstance(batch, (tuple, list)) and len(batch) > 2:
-        example = "(model(batch[0]), batch[1])"
-    else:
-        example = "(model(<inputs from batch>), <target from batch>)"
+    inputs, target = unpack_example(batch)
     raise TypeError(
-        f"validate() expected each batch to be `(inputs, target)` (a tuple or list of 2) but got {_describe(batch)}. "
+        f"validate() expected each batch to be `(inputs, target)` (a tuple or list of 2) but got {describe(batch)}. "
         f"Say how a batch feeds the model with `step`: "
-        f"`validate(model, loader, ..., step=lambda batch, model: {example})`."
+        f"`validate(model, loader, ..., step=lambda batch, model: (model({inputs}), {target}))`."
     )
 
 
@@ -328,7 +304,7 @@ def _check_step_result(result: Any) -> tuple[Any, Any]:
     if isinstance(result, (tuple, list)) and len(result) == 2:
         return result[0], result[1]
     raise TypeError(
-        f"Expected `step(batch, model)` to return `(outputs, target)` but it returned {_describe(result)}. "
+        f"Expected `step(batch, model)` to return `(outputs, target)` but it returned {describe(result)}. "
         "Return the model's outputs and the target; validate() computes the loss and metrics from them: "
         "`def step(batch, model): return model(batch['x']), batch['y']`."
     )
@@ -343,23 +319,9 @@ def _batch_size(target: Any, outputs: Any) -> int:
         elif isinstance(obj, Sequence) and not isinstance(obj, str):
             return len(obj)
     raise TypeError(
-        f"validate() counts samples by the first dimension of the target but got target {_describe(target)} and "
-        f"outputs {_describe(outputs)}. Return a target with a batch dimension, e.g. `target.reshape(-1)`."
+        f"validate() counts samples by the first dimension of the target but got target {describe(target)} and "
+        f"outputs {describe(outputs)}. Return a target with a batch dimension, e.g. `target.reshape(-1)`."
     )
-
-
-def _describe(obj: Any, depth: int = 0) -> str:
-    """Type and structure of a batch, for error messages: ``tuple of 3: (Tensor(shape=(4, 2), ...), ...)``."""
-    if isinstance(obj, Tensor):
-        return f"Tensor(shape={tuple(obj.shape)}, dtype={str(obj.dtype).removeprefix('torch.')})"
-    if isinstance(obj, Mapping):
-        return f"{type(obj).__name__} with keys {list(obj)}"
-    if isinstance(obj, (tuple, list)):
-        if depth >= 1 or len(obj) > 4:
-            return f"{type(obj).__name__} of {len(obj)}"
-        inner = ", ".join(_describe(x, depth + 1) for x in obj)
-        return f"{type(obj).__name__} of {len(obj)}: ({inner})"
-    return type(obj).__name__
 
 
 def _criterion_error(loss: object) -> Exception:
@@ -373,10 +335,6 @@ def _criterion_error(loss: object) -> Exception:
         f"shape {tuple(loss.shape)}. validate() weights each batch mean by the batch size itself: use "
         "`reduction='mean'`, e.g. `criterion=nn.CrossEntropyLoss(reduction='mean')`."
     )
-
-
-def _sum_dtype(device: torch.device) -> torch.dtype:
-    return torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -424,7 +382,7 @@ def _to_host(values: dict[str, Tensor | float]) -> dict[str, float]:
         if isinstance(value, Tensor):
             by_device.setdefault(value.device, []).append(name)
     for dev, names in by_device.items():
-        dtype = _sum_dtype(dev)
+        dtype = sum_dtype(dev)
         stacked = torch.stack([values[n].detach().reshape(()).to(dtype) for n in names])  # type: ignore[union-attr]
         out.update(zip(names, stacked.tolist(), strict=True))
     return {k: out[k] for k in values}

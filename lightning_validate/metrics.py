@@ -46,11 +46,15 @@ __all__ = [
     "PaddingFilter",
     "TargetRange",
     "batch_size_of",
+    "check_metric_dict",
     "check_metrics",
     "default_metrics",
+    "describe",
     "local_value",
     "real_samples",
+    "sum_dtype",
     "take_first",
+    "unpack_example",
 ]
 
 #: Samplers whose order is known: padding, if any, is exactly the global positions >= len(sampler.dataset).
@@ -72,9 +76,9 @@ _KNOWN_SAMPLERS = frozenset(
 _FOLD_EVERY = 256
 
 
-def _sum_dtype(device: torch.device) -> torch.dtype:
-    # float64 sums keep the epoch mean exact to ~1e-12; MPS has no float64.
-    return torch.float32 if device.type == "mps" else torch.float64
+def sum_dtype(device: torch.device) -> torch.dtype:
+    """Dtype for sums of losses and metric values on ``device``: float64 (exact epoch means), float32 on MPS."""
+    return torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
 
 
 class LossAccumulator:
@@ -141,7 +145,7 @@ class LossAccumulator:
                 continue
             chunk = torch.stack(values)
             values.clear()
-            total = chunk.sum(dtype=_sum_dtype(chunk.device)) * weight
+            total = chunk.sum(dtype=sum_dtype(chunk.device)) * weight
             nonfinite = torch.isfinite(chunk).logical_not().sum()
             self._total = total if self._total is None else self._total + total
             self._nonfinite = nonfinite if self._nonfinite is None else self._nonfinite + nonfinite
@@ -151,7 +155,7 @@ class LossAccumulator:
         self._fold()
         if self._total is None or self._nonfinite is None:
             dev = device if device is not None else torch.device("cpu")
-            return torch.zeros(4, dtype=_sum_dtype(dev), device=dev)
+            return torch.zeros(4, dtype=sum_dtype(dev), device=dev)
         total = self._total
         return torch.stack(
             [total, total.new_tensor(self.count), self._nonfinite.to(total.dtype), total.new_tensor(self.batches)]
@@ -290,6 +294,48 @@ def batch_size_of(obj: Any) -> int | None:
             if size is not None:
                 return size
     return None
+
+
+def describe(obj: object, depth: int = 0) -> str:
+    """Type and structure of a batch or a value, for error messages.
+
+    Example:
+        >>> describe((torch.zeros(4, 2), [1, 2], {"x": 1}))
+        "a tuple of 3: (Tensor(shape=(4, 2), dtype=float32), a list of 2, a dict with keys ['x'])"
+
+    """
+    if obj is None:
+        return "None"
+    if isinstance(obj, Tensor):
+        return f"Tensor(shape={tuple(obj.shape)}, dtype={str(obj.dtype).removeprefix('torch.')})"
+    if isinstance(obj, Mapping):
+        return f"{_article(type(obj).__name__)} with keys {list(obj)!r}"
+    if isinstance(obj, (tuple, list)):
+        if depth >= 1 or not obj:
+            return f"a {type(obj).__name__} of {len(obj)}"
+        inner = ", ".join(describe(x, depth + 1) for x in obj[:4])
+        return f"a {type(obj).__name__} of {len(obj)}: ({inner}{', ...' if len(obj) > 4 else ''})"
+    return _article(type(obj).__name__)
+
+
+def _article(name: str) -> str:
+    return f"{'an' if name[:1].lower() in 'aeiou' else 'a'} {name}"
+
+
+def unpack_example(batch: object) -> tuple[str, str]:
+    """Expressions that take ``(inputs, target)`` out of ``batch``, for the fix an unpack error names.
+
+    Example:
+        >>> unpack_example({"image": 1, "label": 2})
+        ("batch['image']", "batch['label']")
+
+    """
+    if isinstance(batch, Mapping) and len(batch) >= 2:
+        keys = list(batch)
+        return f"batch[{keys[0]!r}]", f"batch[{keys[1]!r}]"
+    if isinstance(batch, (tuple, list)) and len(batch) > 2:
+        return "batch[0]", "batch[1]"
+    return "<inputs from batch>", "<target from batch>"
 
 
 def take_first(obj: Any, n: int, k: int) -> Any:
@@ -459,6 +505,47 @@ def _per_class_hint(metric: Metric) -> str | None:
     return None
 
 
+def check_metric_dict(metrics: object, *, what: str, example: str) -> list[tuple[str, Metric]]:
+    """Check that ``metrics`` is a mapping of names to torchmetrics ``Metric`` objects; return its items.
+
+    ``what`` names the argument in the messages (e.g. "argument `metrics`"); ``example`` is the fix they show,
+    a format string with ``{}`` where a dict goes (e.g. "`metrics={}`").
+
+    Raises:
+        TypeError: if ``metrics`` is a single ``Metric`` or not a mapping, a name is not a string, or a value is
+            not a ``Metric``.
+
+    """
+    fix = example.format("{'accuracy': MulticlassAccuracy(num_classes=10)}")
+    if isinstance(metrics, Metric):
+        name = type(metrics).__name__
+        raise TypeError(
+            f"Expected {what} to be a dict of torchmetrics `Metric` objects or a `MetricCollection` but got a single "
+            f"{name}. Name it: {example.format(f'{{{name.lower()!r}: metric}}')}."
+        )
+    if not isinstance(metrics, Mapping):
+        raise TypeError(
+            f"Expected {what} to be a dict of torchmetrics `Metric` objects or a `MetricCollection` but got "
+            f"{describe(metrics)}. Pass e.g. {fix}."
+        )
+    for name, metric in metrics.items():
+        if not isinstance(name, str):
+            raise TypeError(f"Expected the names in {what} to be strings but got {name!r}. Pass e.g. {fix}.")
+        if not isinstance(metric, Metric):
+            if callable(metric) and not isinstance(metric, nn.Module):
+                got = (
+                    "a function (a function such as `torchmetrics.functional.accuracy` keeps no state across "
+                    "batches: use the class, not the functional form)"
+                )
+            else:
+                got = describe(metric)
+            raise TypeError(
+                f"Expected the value for {name!r} in {what} to be a torchmetrics `Metric` but got {got}. "
+                f"Pass e.g. {fix}."
+            )
+    return list(metrics.items())
+
+
 def check_metrics(metrics: object, where: str = "configure_metrics()") -> dict[str, Metric]:
     """Validate what ``configure_metrics()`` returned; give a ``{name: Metric}`` dict.
 
@@ -481,30 +568,17 @@ returns one value per class: use `MulticlassAccuracy(..., average='macro')`.
     """
     from torchmetrics import MetricCollection
 
-    example = '`return {"acc": MulticlassAccuracy(num_classes=10)}`'
+    items: Sequence[tuple[str, Metric]]
     if isinstance(metrics, MetricCollection):
-        items: Sequence[tuple[object, object]] = list(metrics.items(keep_base=False, copy_state=False))
-    elif isinstance(metrics, Mapping):
-        items = list(metrics.items())
+        items = list(metrics.items(keep_base=False, copy_state=False))
     else:
-        raise TypeError(
-            f"Expected `{where}` to return a dict of torchmetrics `Metric` objects or a `MetricCollection` but got "
-            f"{type(metrics).__name__} ({metrics!r}). Return e.g. {example}."
-        )
+        items = check_metric_dict(metrics, what=f"the result of `{where}`", example="`return {}`")
     out: dict[str, Metric] = {}
     for name, metric in items:
-        if not isinstance(name, str):
-            raise TypeError(f"Expected the metric names from `{where}` to be strings but got {name!r}.")
         if not name or "." in name or name == "loss":
             raise ValueError(
                 f"Metric name {name!r} from `{where}` is not usable: names must be non-empty, without '.', and "
                 "not 'loss' (the mixin logs the loss itself)."
-            )
-        if not isinstance(metric, Metric):
-            kind = "a function" if callable(metric) and not isinstance(metric, nn.Module) else type(metric).__name__
-            raise TypeError(
-                f"Expected `{where}` to return torchmetrics `Metric` objects but the value for {name!r} is {kind} "
-                f"({metric!r}). Use the class, not the functional form: {example}."
             )
         hint = _per_class_hint(metric)
         if hint is not None:

@@ -51,9 +51,11 @@ from lightning_validate.metrics import (
     batch_size_of,
     check_metrics,
     default_metrics,
+    describe,
     local_value,
     real_samples,
     take_first,
+    unpack_example,
 )
 from lightning_validate.progress import DEFAULT_INTERVAL, Throttle, format_postfix
 
@@ -228,7 +230,7 @@ class ValidationMixin(_Base):
         if n is None:
             n = batch_size_of(outputs)
             if n is None:
-                raise TypeError(f"Cannot tell the batch size: `target` is {_describe(target)}. {_UNPACK_HINT}")
+                raise TypeError(f"Cannot tell the batch size: `target` is {describe(target)}. {_UNPACK_HINT}")
         keep = loader.padding.keep(n)
         if keep < n:  # only a rank's last batch can hold DDP padding; cut it with plain ints, no mask
             if keep == 0:
@@ -588,13 +590,13 @@ class ValidationMixin(_Base):
                 else ""
             )
             raise type(err)(
-                f"`criterion` ({getattr(self, 'criterion', None)!r}) failed on outputs of "
-                f"{_describe(outputs)} and target of {_describe(target)}: {err}.{hint}"
+                f"`criterion` ({getattr(self, 'criterion', None)!r}) failed on outputs {describe(outputs)} and "
+                f"target {describe(target)}: {err}.{hint}"
             ) from err
         if not isinstance(loss, Tensor) or not loss.is_floating_point():
             raise TypeError(
                 f"Expected `compute_loss` to return a float tensor (the batch mean or one loss per sample) but got "
-                f"{_describe(loss)}."
+                f"{describe(loss)}."
             )
         return loss
 
@@ -617,7 +619,7 @@ class ValidationMixin(_Base):
         raise ValueError(
             f"The default metric `MulticlassAccuracy(num_classes={num_classes})` expects outputs of shape "
             f"(N, {num_classes}, ...) (class scores in dimension 1) and integer targets of shape (N, ...), but got "
-            f"outputs of {_describe(outputs)} and target of {_describe(target)}: {hint}."
+            f"outputs {describe(outputs)} and target {describe(target)}: {hint}."
         )
 
 
@@ -632,51 +634,32 @@ _MISSING_CRITERION = (
 _UNPACK_HINT = "Override `unpack_batch(self, batch)` to return `(inputs, target)`."
 
 
-def _describe(obj: object) -> str:
-    if isinstance(obj, Tensor):
-        return f"shape {tuple(obj.shape)} ({obj.dtype})"
-    if isinstance(obj, Mapping):
-        return f"a {type(obj).__name__} with keys {list(obj)!r}"
-    if isinstance(obj, (tuple, list)):
-        inner = ", ".join(_describe(x) if isinstance(x, Tensor) else type(x).__name__ for x in obj[:4])
-        more = ", ..." if len(obj) > 4 else ""
-        return f"a {type(obj).__name__} of {len(obj)} ({inner}{more})"
-    return f"a {type(obj).__name__}"
-
-
 def _unpack_error(batch: object) -> str:
-    if isinstance(batch, Mapping) and len(batch) >= 2:
-        keys = list(batch)
-        body = f"return batch[{keys[0]!r}], batch[{keys[1]!r}]"
-    elif isinstance(batch, (tuple, list)) and len(batch) > 2:
-        body = "inputs, target, *_ = batch\n        return inputs, target"
-    else:
-        body = "inputs, target = ...  # from batch\n        return inputs, target"
+    inputs, target = unpack_example(batch)
     return (
         f"`ValidationMixin.unpack_batch` expects a batch `(inputs, target)` (a tuple or list of 2) but got "
-        f"{_describe(batch)}. Override it in your LightningModule:\n\n"
-        f"    def unpack_batch(self, batch):\n        {body}\n"
+        f"{describe(batch)}. Override it in your LightningModule:\n\n"
+        f"    def unpack_batch(self, batch):\n        return {inputs}, {target}\n"
     )
 
 
 def _shape_error(outputs: Tensor, target: Tensor) -> str:
     return (
-        f"Expected `outputs` and `target` to have the same batch size (first dimension) but got outputs of "
-        f"{_describe(outputs)} and target of {_describe(target)}. Check `forward` and `unpack_batch`."
+        f"Expected `outputs` and `target` to have the same batch size (first dimension) but got outputs "
+        f"{describe(outputs)} and target {describe(target)}. Check `forward` and `unpack_batch`."
     )
 
 
 def _metric_error(key: str, metric: Metric, outputs: Any, target: Any, err: BaseException) -> str:
     return (
-        f"Metric `{key}` ({type(metric).__name__}) failed on outputs of {_describe(outputs)} and target of "
-        f"{_describe(target)}: {err}"
+        f"Metric `{key}` ({type(metric).__name__}) failed on outputs {describe(outputs)} and target "
+        f"{describe(target)}: {err}"
     )
 
 
 def _not_scalar(key: str, metric: Metric, value: object) -> str:
-    what = f"a tensor of {_describe(value)}" if isinstance(value, Tensor) else f"a {type(value).__name__}"
     return (
-        f"Metric `{key}` ({type(metric).__name__}) returned {what}; a logged metric must be a scalar. For "
+        f"Metric `{key}` ({type(metric).__name__}) returned {describe(value)}; a logged metric must be a scalar. For "
         "per-class values use `average='macro'` (or 'micro'/'weighted'), or log them yourself."
     )
 

@@ -426,11 +426,11 @@ def test_error_empty_dataloader(empty: Any) -> None:
 
 @pytest.mark.parametrize(("batch", "match"), [
     ({"image": torch.zeros(2, 64), "label": torch.zeros(2)},
-     r"got dict with keys \['image', 'label'\].*step=lambda batch, model: \(model\(batch\['image'\]\), "
+     r"got a dict with keys \['image', 'label'\]\. .*step=lambda batch, model: \(model\(batch\['image'\]\), "
      r"batch\['label'\]\)"),
     ((torch.zeros(2, 64), torch.zeros(2), [1, 2]),
-     r"got tuple of 3: \(Tensor\(shape=\(2, 64\), dtype=float32\), Tensor\(shape=\(2,\), dtype=float32\), list of "
-     r"2\).*step=lambda batch, model: \(model\(batch\[0\]\), batch\[1\]\)"),
+     r"got a tuple of 3: \(Tensor\(shape=\(2, 64\), dtype=float32\), Tensor\(shape=\(2,\), dtype=float32\), a "
+     r"list of 2\)\. .*step=lambda batch, model: \(model\(batch\[0\]\), batch\[1\]\)"),
     (torch.zeros(2, 64), r"got Tensor\(shape=\(2, 64\), dtype=float32\).*step="),
 ])
 def test_error_batch_that_cannot_be_unpacked(batch: Any, match: str) -> None:
@@ -440,18 +440,23 @@ def test_error_batch_that_cannot_be_unpacked(batch: Any, match: str) -> None:
 
 def test_error_step_result() -> None:
     with pytest.raises(TypeError, match=r"Expected `step\(batch, model\)` to return `\(outputs, target\)` but it "
-                                        r"returned tuple of 3"):
+                                        r"returned a tuple of 3: "):
         validate(mlp(), [data(4)], criterion=nn.CrossEntropyLoss(), progress=False,
                  step=lambda batch, model: (model(batch[0]), batch[1], 0.0))
 
 
 @pytest.mark.parametrize(("metrics", "match"), [
-    (MulticlassAccuracy(num_classes=10), r"but got a single MulticlassAccuracy\. Name it: "
-                                         r"`metrics=\{'multiclassaccuracy': metric\}`"),
-    ([MulticlassAccuracy(num_classes=10)], r"a dict of torchmetrics metrics or a MetricCollection but got list"),
+    (MulticlassAccuracy(num_classes=10), r"^Expected argument `metrics` to be a dict of torchmetrics `Metric` objects "
+                                         r"or a `MetricCollection` but got a single MulticlassAccuracy\. Name it: "
+                                         r"`metrics=\{'multiclassaccuracy': metric\}`\.$"),
+    ([MulticlassAccuracy(num_classes=10)], r"^Expected argument `metrics` to be a dict of torchmetrics `Metric` "
+                                           r"objects or a `MetricCollection` but got a list of 1: "
+                                           r"\(a MulticlassAccuracy\)\. Pass e\.g\. `metrics=\{'accuracy': "),
     ({"acc": lambda p, t: (p.argmax(1) == t).float().mean()},
-     r"Expected `metrics\['acc'\]` to be a torchmetrics Metric but got function \(a function .* use the class"),
-    ({1: MulticlassAccuracy(num_classes=10)}, r"Expected the keys of `metrics` to be str but got 1"),
+     r"^Expected the value for 'acc' in argument `metrics` to be a torchmetrics `Metric` but got a function \(a "
+     r"function .* use the class, not the functional form\)\. Pass e\.g\. `metrics="),
+    ({1: MulticlassAccuracy(num_classes=10)}, r"^Expected the names in argument `metrics` to be strings but got 1\. "
+                                              r"Pass e\.g\. `metrics="),
 ])
 def test_error_metrics_not_torchmetrics(metrics: Any, match: str) -> None:
     with pytest.raises(TypeError, match=match):

@@ -168,10 +168,24 @@ def test_check_metrics_accepts_dicts_and_collections():
 @pytest.mark.parametrize(
     ("metrics", "error", "match"),
     [
-        ([MulticlassAccuracy(3)], TypeError, r"to return a dict of torchmetrics `Metric` objects .* but got list"),
-        ({"acc": torch.sum}, TypeError, r"the value for 'acc' is a function .* Use the class, not the functional"),
-        ({"acc": 0.5}, TypeError, r"the value for 'acc' is float"),
-        ({1: MulticlassAccuracy(3)}, TypeError, r"metric names from `configure_metrics\(\)` to be strings but got 1"),
+        (
+            [MulticlassAccuracy(3)],
+            TypeError,
+            r"^Expected the result of `configure_metrics\(\)` to be a dict of torchmetrics `Metric` objects or a "
+            r"`MetricCollection` but got a list of 1: \(a MulticlassAccuracy\)\. Pass e\.g\. `return \{'accuracy': ",
+        ),
+        (
+            {"acc": torch.sum},
+            TypeError,
+            r"the value for 'acc' in the result of `configure_metrics\(\)` to be a torchmetrics `Metric` but got a "
+            r"function \(.* use the class, not the functional form\)",
+        ),
+        ({"acc": 0.5}, TypeError, r"the value for 'acc' in .* but got a float\. Pass e\.g\. "),
+        (
+            {1: MulticlassAccuracy(3)},
+            TypeError,
+            r"names in the result of `configure_metrics\(\)` to be strings but got 1\.",
+        ),
         ({"loss": MeanMetric()}, ValueError, r"Metric name 'loss' .* not 'loss'"),
         ({"a.b": MeanMetric()}, ValueError, r"Metric name 'a.b' .* without '\.'"),
         ({"f1": MulticlassF1Score(3, average=None)}, ValueError, r"`f1` .* not a scalar: .*average='macro'"),
