@@ -38,7 +38,7 @@ from torchmetrics import Metric, MetricCollection
 from tqdm.auto import tqdm  # type: ignore[import-untyped]
 
 from lightning_validate.evaluating import evaluating
-from lightning_validate.metrics import check_metric_dict, describe, sum_dtype, unpack_example
+from lightning_validate.metrics import batch_size_of, check_metric_dict, describe, sum_dtype, unpack_example
 from lightning_validate.progress import DEFAULT_INTERVAL, Throttle, format_postfix
 
 __all__ = ["validate"]
@@ -311,13 +311,11 @@ def _check_step_result(result: Any) -> tuple[Any, Any]:
 
 
 def _batch_size(target: Any, outputs: Any) -> int:
-    """Count a batch's samples from shapes (host metadata): the first dimension of the target, else the outputs'."""
+    """Count a batch's samples from shapes (host metadata): the target's batch size, else the outputs'."""
     for obj in (target, outputs):
-        if isinstance(obj, Tensor):
-            if obj.ndim > 0:
-                return int(obj.shape[0])
-        elif isinstance(obj, Sequence) and not isinstance(obj, str):
-            return len(obj)
+        size = batch_size_of(obj)
+        if size is not None:
+            return size
     raise TypeError(
         f"validate() counts samples by the first dimension of the target but got target {describe(target)} and "
         f"outputs {describe(outputs)}. Return a target with a batch dimension, e.g. `target.reshape(-1)`."

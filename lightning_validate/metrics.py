@@ -283,16 +283,35 @@ def real_samples(loader: object) -> int | None:
 
 
 def batch_size_of(obj: Any) -> int | None:
-    """First dimension of the first tensor in ``obj`` (a tensor or a nested list/tuple/dict), else ``None``."""
+    """Number of samples in a batch's target (or outputs), read from shapes only (no host-device sync).
+
+    - a tensor: its first dimension (``None`` for a 0-dim tensor);
+    - a dict: that of its first value with a size (a dict of per-task batch tensors);
+    - a list or tuple of tensors whose batch dimensions agree: that dimension (per-task targets, as
+      ``default_collate`` gives them; 0-dim tensors are ignored);
+    - any other non-empty list or tuple: its length (per-sample items: the dicts of a detection batch, tensors of
+      different lengths, strings);
+    - anything else: ``None``.
+
+    Example:
+        >>> y = torch.zeros(5)
+        >>> batch_size_of(y), batch_size_of([y, y]), batch_size_of([{"boxes": torch.zeros(3, 4)}] * 2)
+        (5, 5, 2)
+    """
     if isinstance(obj, Tensor):
         return int(obj.shape[0]) if obj.ndim else None
     if isinstance(obj, Mapping):
-        obj = list(obj.values())
-    if isinstance(obj, (list, tuple)):
-        for item in obj:
-            size = batch_size_of(item)
+        for value in obj.values():
+            size = batch_size_of(value)
             if size is not None:
                 return size
+        return None
+    if isinstance(obj, (list, tuple)) and obj:
+        if all(isinstance(item, Tensor) for item in obj):
+            sizes = {int(item.shape[0]) for item in obj if item.ndim}
+            if len(sizes) == 1:
+                return sizes.pop()
+        return len(obj)
     return None
 
 

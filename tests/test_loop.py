@@ -220,6 +220,28 @@ def test_step_for_dict_batches_and_input_gradients() -> None:
     assert all(p.grad is None for p in model.parameters())
 
 
+def test_samples_counted_right_for_per_task_and_per_sample_targets() -> None:
+    x, y = data(21, features=8, classes=4)
+    model = mlp(features=8, classes=4)
+    expected = reference(model, x, y)[0]
+
+    def first_task(out: torch.Tensor, target: Any) -> torch.Tensor:
+        return nn.functional.cross_entropy(out, target[0])
+
+    # per-task targets as default_collate gives them: a list of batch tensors; 8 + 8 + 5 samples, not 2 per batch
+    per_task = [(x[i:i + 8], [y[i:i + 8], y[i:i + 8].float()]) for i in range(0, 21, 8)]
+    result = validate(model, per_task, criterion=first_task, progress=False)
+    assert result["loss"] == pytest.approx(expected, rel=1e-6)
+
+    # per-sample targets as detection collates give them: one dict per sample
+    def per_sample_loss(out: torch.Tensor, target: Any) -> torch.Tensor:
+        return nn.functional.cross_entropy(out, torch.stack([t["label"] for t in target]))
+
+    per_sample = [(x[i:i + 8], [{"label": y[j]} for j in range(i, min(i + 8, 21))]) for i in range(0, 21, 8)]
+    result = validate(model, per_sample, criterion=per_sample_loss, progress=False)
+    assert result["loss"] == pytest.approx(expected, rel=1e-6)
+
+
 def test_batches_moved_to_device_keep_their_structure() -> None:
     pair = namedtuple("pair", "a b")
     batch = {"x": [torch.ones(2), (torch.zeros(1), pair(torch.ones(1), 3))], "s": "keep"}

@@ -132,7 +132,10 @@ def test_batch_size_of_and_take_first():
     x, y = torch.zeros(5, 3), torch.arange(5)
     assert batch_size_of(y) == 5
     assert batch_size_of({"a": [torch.tensor(1.0), x]}) == 5
-    assert batch_size_of(["text"]) is None
+    assert batch_size_of(["text"]) == 1  # per-sample items: their count
+    assert batch_size_of((y, x)) == 5  # per-task targets (default_collate): the shared batch dimension
+    assert batch_size_of([torch.zeros(3, 4), torch.zeros(1, 4)]) == 2  # per-sample tensors of different sizes
+    assert batch_size_of([]) is None and batch_size_of(torch.tensor(1.0)) is None and batch_size_of(3) is None
     cut = take_first({"x": x, "y": y, "scale": torch.tensor(2.0), "other": torch.zeros(7)}, 5, 2)
     assert cut["x"].shape == (2, 3) and cut["y"].tolist() == [0, 1]
     assert cut["scale"].ndim == 0 and cut["other"].shape == (7,)
