@@ -124,6 +124,8 @@ def _force_eval(model: nn.Module, allow_train_mode: Sequence[str], *, report: bo
     for _, module in index._checked:
         module.training = False
     return findings
+
+
 def _report(findings: list[Finding], on_violation: Literal["warn", "raise"] | None) -> None:
     if not findings:
         return
