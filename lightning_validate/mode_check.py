@@ -28,12 +28,10 @@ Where each check runs (see the hook-order guide: a callback never sees the state
 from __future__ import annotations
 
 import functools
-import itertools
 import json
 import os
-import sys
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -44,16 +42,19 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
-from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
+from lightning_validate._attribution import Mark, attribute, same_modes
+from lightning_validate._hook_wrapping import HookWrappers, is_lightning_readonly, trusted_callback_types
+from lightning_validate._metric_tracking import MetricTracker
+from lightning_validate._probe import ProbeCalls, probe_findings, record_first_calls, remove_hooks
 from lightning_validate.engine import (
     ModeIndex,
     Snapshot,
     check_eval_state,
     check_train_state,
     compare,
-    display_name,
     matches_any,
     take_snapshot,
 )
@@ -65,32 +66,6 @@ _EVAL_STAGES = ("validation", "test", "predict")
 #: Trainer function -> evaluation stages whose hooks it runs.
 _STAGES_OF = {"fit": ("validation",), "validate": ("validation",), "test": ("test",), "predict": ("predict",)}
 _REPORT_VERSION = 1
-_WRAPPED = "__modecheck_wrapped__"
-_MISSING = object()
-
-
-def _trusted_callback_types() -> tuple[type, ...]:
-    """Lightning callbacks whose documented work changes the model inside evaluation hooks."""
-    from lightning.pytorch import callbacks
-
-    names = ("WeightAveraging", "StochasticWeightAveraging", "ModelPruning", "BaseFinetuning")
-    return tuple(t for t in (getattr(callbacks, n, None) for n in names) if isinstance(t, type))
-
-
-def _is_lightning_readonly(cb: Callback) -> bool:
-    """Lightning's own callbacks that only read the model (checkpointing, progress bars, monitors)."""
-    module = type(cb).__module__
-    return module.startswith("lightning.pytorch.callbacks") and type(cb).__name__ != "LambdaCallback"
-
-
-@dataclass
-class _Mark:
-    """A content snapshot taken during an evaluation, with the hook it follows (``""``: not after a hook)."""
-
-    snapshot: Snapshot
-    after_hook: str = ""
-    trusted: bool = False
-    batches: int = 0  # evaluation batches started before this mark
 
 
 @dataclass
@@ -101,24 +76,12 @@ class _EvalRun:
     phase: str  # validation, sanity_check, test, predict
     baseline: Snapshot
     index: ModeIndex
-    marks: list[_Mark] = field(default_factory=list)
+    marks: list[Mark] = field(default_factory=list)
     batches: int = 0
     dirty: bool = False  # something may have changed since the last mark
     finished: bool = False
-    probe_calls: dict[str, tuple[nn.Module, tuple[Any, ...], dict[str, Any]]] | None = None
-    probe_handles: list[Any] = field(default_factory=list)
-
-
-@dataclass
-class _MetricTrack:
-    """Update counts of one torchmetrics object at segment and epoch boundaries."""
-
-    opened_at: int = 0
-    open_stage: str | None = None
-    stages: set[str] = field(default_factory=set)
-    last_stage: str | None = None  # the stage that updated it last
-    closed_at: int = 0  # update count when the last epoch that updated it ended
-    moved_since_close: bool = False
+    probe_calls: ProbeCalls | None = None
+    probe_handles: list[RemovableHandle] = field(default_factory=list)
 
 
 class ModeCheck(Callback):
@@ -242,15 +205,13 @@ class ModeCheck(Callback):
         self._stage = ""
         self._trainer: pl.Trainer | None = None
         self._module: pl.LightningModule | None = None
-        self._installed: list[tuple[Any, str, object]] = []
+        self._hooks = HookWrappers(self._guard, self._is_disabled, self._sync)
         self._disabled = False
         self._eval: _EvalRun | None = None
         self._restore_hooked: set[str] = set()
         self._train_epoch_first = False
         self._train_reopen = False
-        self._metrics: dict[str, _MetricTrack] = {}
-        self._metric_objects: dict[str, nn.Module] = {}
-        self._metrics_index: ModeIndex | None = None
+        self._metrics = MetricTracker(self._report, self._phase)
         self._index: ModeIndex | None = None
 
     # ----------------------------------------------------------------------------------------------------------
@@ -337,12 +298,12 @@ class ModeCheck(Callback):
     # Run lifecycle
 
     def _start_run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._uninstall()
+        self._hooks.uninstall()
         self._run_findings, self._counts, self._boundaries, self._pending = [], Counter(), Counter(), []
         self._stage, self._trainer, self._module = str(getattr(stage, "value", stage)), trainer, pl_module
         self._disabled, self._eval, self._restore_hooked = False, None, set()
         self._train_epoch_first = self._train_reopen = False
-        self._metrics, self._metric_objects, self._metrics_index, self._index = {}, {}, None, None
+        self._metrics, self._index = MetricTracker(self._report, self._phase), None
         with self._guard("setup"):
             self._install(trainer, pl_module, self._stage)
 
@@ -356,7 +317,7 @@ class ModeCheck(Callback):
                     self._finish_pending_eval("teardown")
             except ModeCheckError as err:
                 error = err
-        self._uninstall()
+        self._hooks.uninstall()
         trainer, self._trainer, self._module, self._eval = self._trainer, None, None, None
         if self.report_path is not None:
             self._write_report(trainer, status if error is None else "interrupted")
@@ -487,20 +448,23 @@ class ModeCheck(Callback):
     def _count(self, boundary: str) -> None:
         self._boundaries[boundary] += 1
 
+    def _is_disabled(self) -> bool:
+        return self._disabled
+
     # ----------------------------------------------------------------------------------------------------------
     # Wrapping the LightningModule's and other callbacks' hooks
 
     def _install(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        trusted = _trusted_callback_types()
+        trusted, wrap = trusted_callback_types(), self._hooks.wrap
         for s in _STAGES_OF.get(stage, ()):
-            self._wrap(pl_module, f"on_{s}_model_eval", functools.partial(self._begin_eval, s), None)
+            wrap(pl_module, f"on_{s}_model_eval", functools.partial(self._begin_eval, s), None)
             if s != "predict" and is_overridden(f"on_{s}_model_train", pl_module):
                 self._restore_hooked.add(s)
-                self._wrap(pl_module, f"on_{s}_model_train", None, functools.partial(self._check_restore, s), sync=True)
+                wrap(pl_module, f"on_{s}_model_train", None, functools.partial(self._check_restore, s), sync=True)
             callbacks: list[Callback] = getattr(trainer, "callbacks", [])
             owners: list[tuple[object, str, bool]] = [
                 (cb, type(cb).__name__, isinstance(cb, trusted)) for cb in callbacks
-                if cb is not self and (isinstance(cb, trusted) or not _is_lightning_readonly(cb))
+                if cb is not self and (isinstance(cb, trusted) or not is_lightning_readonly(cb))
             ]
             owners.append((pl_module, type(pl_module).__name__, False))
             for hook in (f"on_{s}_start", f"on_{s}_epoch_start", f"on_{s}_epoch_end", f"on_{s}_end"):
@@ -508,47 +472,11 @@ class ModeCheck(Callback):
                     parent = pl.LightningModule if owner is pl_module else Callback
                     if is_overridden(hook, owner, parent=parent):
                         label = f"{name}.{hook}"
-                        self._wrap(owner, hook, functools.partial(self._mark, before=label),
-                                   functools.partial(self._mark, after=label, trusted=is_trusted))
+                        wrap(owner, hook, functools.partial(self._mark, before=label),
+                             functools.partial(self._mark, after=label, trusted=is_trusted))
             # After the LightningModule's `on_{s}_end` every evaluation hook has run and logged metrics are not
             # reset yet: the end of the evaluation for content and metric counts.
-            self._wrap(pl_module, f"on_{s}_end", None, functools.partial(self._finish_eval, f"on_{s}_end"), sync=True)
-
-    def _wrap(self, owner: object, name: str, before: Callable[[], None] | None,
-              after: Callable[[], None] | None, sync: bool = False) -> None:
-        """Put a wrapper around ``owner.<name>`` as an instance attribute; several wrappers nest.
-
-        The wrapper is a plain function (``copy.deepcopy`` shares it, so ``EMAWeightAveraging``'s copy of the module
-        does not copy the callback). The user's hook runs unchanged and its exceptions pass through untouched.
-        """
-        original = getattr(owner, name)
-        check = self
-
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            if before is not None and not check._disabled:
-                with check._guard(name):
-                    before()
-            out = original(*args, **kwargs)
-            if after is not None and not check._disabled:
-                with check._guard(name):
-                    after()
-            if sync:
-                check._sync(name)
-            return out
-
-        wrapper.__wrapped__ = original  # type: ignore[attr-defined]
-        setattr(wrapper, _WRAPPED, True)
-        self._installed.append((owner, name, owner.__dict__.get(name, _MISSING)))
-        object.__setattr__(owner, name, wrapper)
-
-    def _uninstall(self) -> None:
-        """Put back every wrapped attribute, innermost last, exactly as it was (also a user's own attribute)."""
-        for owner, name, previous in reversed(self._installed):
-            if previous is _MISSING:
-                owner.__dict__.pop(name, None)
-            else:
-                object.__setattr__(owner, name, previous)
-        self._installed = []
+            wrap(pl_module, f"on_{s}_end", None, functools.partial(self._finish_eval, f"on_{s}_end"), sync=True)
 
     # ----------------------------------------------------------------------------------------------------------
     # Evaluation
@@ -566,7 +494,7 @@ class ModeCheck(Callback):
         index = self._index
         if index is None or index.model is not self._module or index.names != list(baseline.modes):
             index = self._index = ModeIndex(self._module, self.allow_train_mode)  # the structure changed: walk again
-        self._eval = _EvalRun(stage, self._phase(stage), baseline, index, [_Mark(baseline)])
+        self._eval = _EvalRun(stage, self._phase(stage), baseline, index, [Mark(baseline)])
         self._count(boundary or f"on_{stage}_model_eval")
 
     def _ensure_eval(self, stage: str, boundary: str) -> None:
@@ -581,7 +509,7 @@ class ModeCheck(Callback):
             return
         if before and not run.dirty:
             return  # nothing ran since the last mark: it is this hook's "before"
-        run.marks.append(_Mark(take_snapshot(self._module, content=True, grads=True), after, trusted, run.batches))
+        run.marks.append(Mark(take_snapshot(self._module, content=True, grads=True), after, trusted, run.batches))
         run.dirty = False
 
     def _check_eval_batch(self, boundary: str, start: bool) -> None:
@@ -612,8 +540,8 @@ class ModeCheck(Callback):
         run.finished = True
         self._remove_probe(run)
         if run.dirty or len(run.marks) == 1:
-            run.marks.append(_Mark(take_snapshot(self._module, content=True, grads=True), batches=run.batches))
-        end = _same_modes(run.marks[-1].snapshot, run.baseline)
+            run.marks.append(Mark(take_snapshot(self._module, content=True, grads=True), batches=run.batches))
+        end = same_modes(run.marks[-1].snapshot, run.baseline)
         self._count(boundary)
         findings = compare(run.baseline, end, phase=run.phase, boundary=boundary)
         if run.stage in self._restore_hooked:
@@ -621,7 +549,7 @@ class ModeCheck(Callback):
         findings = [f for f in findings if not (f.code == "LV202" and (self._buffers_broadcast() or matches_any(
             _owner(f.module), self.allow_train_mode)))]
         if findings:
-            findings = self._attribute(run, findings)
+            findings = attribute(run.marks, findings, run.phase, run.stage)
         self._metrics_close(run.stage, epoch_end=True)
         self._report(findings)
 
@@ -639,30 +567,6 @@ class ModeCheck(Callback):
     def _finish_pending_eval(self, boundary: str) -> None:
         if self._eval is not None and not self._eval.finished:
             self._finish_eval(boundary)
-
-    def _attribute(self, run: _EvalRun, findings: list[Finding]) -> list[Finding]:
-        """Name the hook that made each change; drop changes made only by trusted callbacks (EMA swap, pruning)."""
-        segments: list[tuple[str, bool, list[Finding]]] = []
-        for a, b in itertools.pairwise(run.marks):
-            if a.snapshot is b.snapshot:
-                continue
-            label = b.after_hook or ("the evaluation steps" if b.batches > a.batches else "")
-            found = [f for f in compare(a.snapshot, _same_modes(b.snapshot, a.snapshot), phase=run.phase)
-                     if f.code != "LV203"]
-            segments.append((label, b.trusted and bool(b.after_hook), found))
-        kept: list[Finding] = []
-        for f in findings:
-            hits = [(label, trusted) for label, trusted, found in segments
-                    if any(g.code == f.code and _overlaps(g.module, f.module) for g in found)]
-            if hits and all(trusted for _, trusted in hits):
-                continue
-            labels = list(dict.fromkeys(label for label, trusted in hits if not trusted and label))
-            if labels:
-                made = ", ".join(f"`{x}`" if x != "the evaluation steps" else
-                                 f"{run.stage}_step or a batch hook" for x in labels)
-                f = replace(f, detail="; ".join(x for x in (f.detail, f"changed in {made}") if x))
-            kept.append(f)
-        return kept
 
     def _check_restore(self, stage: str) -> None:
         """After the LightningModule's ``on_{stage}_model_train`` override: modes and flags as before ``.eval()``."""
@@ -684,18 +588,10 @@ class ModeCheck(Callback):
         assert self._module is not None
         if run.index.any_in_train_mode():
             return  # a submodule in train mode (reported as LV101) would update its state if run again
-        calls: dict[str, tuple[nn.Module, tuple[Any, ...], dict[str, Any]]] = {}
-        run.probe_calls = calls
-        targets = [("", self._module), *((n, m) for n, m in self._module.named_children() if not _is_metric(m))]
-        for name, module in targets:
-            def hook(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], name: str = name) -> None:
-                if name not in calls:
-                    calls[name] = (mod, _detach_clone(args), _detach_clone(kwargs))
-            run.probe_handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+        run.probe_calls = record_first_calls(self._module, run.probe_handles)
 
     def _remove_probe(self, run: _EvalRun) -> None:
-        for handle in run.probe_handles:
-            handle.remove()
+        remove_hooks(run.probe_handles)
         run.probe_handles = []
 
     def _probe_run(self, run: _EvalRun) -> list[Finding]:
@@ -707,24 +603,7 @@ class ModeCheck(Callback):
         self._count("probe")
         allowed = [m for n, m in zip(run.index.names, run.index.modules, strict=True)
                    if self.allow_train_mode and matches_any(n, self.allow_train_mode)]
-        differing: list[tuple[str, str]] = []
-        with _preserved_state(allowed) as replay:
-            for name, (module, args, kwargs) in calls.items():
-                replay.record()
-                first = module(*args, **kwargs)
-                replay.replay()
-                second = module(*args, **kwargs)
-                diff = _difference(first, second)
-                if diff is not None:
-                    differing.append((name, diff))
-        children = [(n, d) for n, d in differing if n]
-        return [Finding(
-            "LV103", display_name(name), run.phase, f"on_{run.stage}_batch_end (probe)",
-            "the same output for the same batch run twice in eval mode", f"outputs differ ({diff})",
-            "make randomness follow the mode: `F.dropout(x, p, training=self.training)` or an `nn.Dropout` module "
-            "instead of `training=True`; if the randomness is intended (MC dropout, sampling), allow the module: "
-            f"`allow_train_mode=[{display_name(name)!r}]`, or `ignore=['LV103']`",
-        ) for name, diff in (children or differing)]
+        return probe_findings(calls, allowed, run.phase, run.stage)
 
     # ----------------------------------------------------------------------------------------------------------
     # Training
@@ -758,70 +637,20 @@ class ModeCheck(Callback):
     # ----------------------------------------------------------------------------------------------------------
     # torchmetrics objects (LV401, LV402)
 
-    def _discover_metrics(self, index: ModeIndex) -> None:
-        if index is self._metrics_index:
-            return
-        self._metrics_index = index
-        found: dict[str, nn.Module] = {}
-        inside: list[str] = []
-        for name, module in zip(index.names, index.modules, strict=True):
-            if _is_metric(module) and not any(name.startswith(p + ".") for p in inside):
-                found[name] = module
-                inside.append(name)
-        self._metric_objects = found
-        for name in found:
-            self._metrics.setdefault(name, _MetricTrack())
-
     def _metrics_open(self, stage: str, index: ModeIndex | None, epoch_start: bool = True) -> None:
         """Record update counts when a stage's batches start; at an epoch's start, a count carried over is LV402."""
         if index is not None:  # metrics may be created late (in `setup` or `configure_model`): look again
-            self._discover_metrics(index)
+            self._metrics.discover(index)
         self._count(f"metrics ({stage} start)")
-        for name, metric in self._metric_objects.items():
-            track, count = self._metrics[name], _update_count(metric)
-            carried = count > 0 and count == track.closed_at and not track.moved_since_close
-            if epoch_start and carried and track.last_stage == stage:
-                self._report([Finding(
-                    "LV402", name, self._phase(stage) if stage != "train" else "train",
-                    f"first {stage} batch", "the update count back at 0 (reset) at the start of each epoch",
-                    f"{count} updates carried over from the previous epoch",
-                    f"call `self.{name}.reset()` after `self.{name}.compute()` at the end of each epoch, or log the "
-                    f"object itself (`self.log('...', self.{name})`) so that Lightning resets it",
-                )])
-            track.opened_at, track.open_stage = count, stage
+        self._metrics.open(stage, epoch_start)
 
     def _metrics_close(self, stage: str, epoch_end: bool) -> None:
         """Note which stage updated each metric since it opened; one object updated in two stages is LV401."""
-        for name, metric in self._metric_objects.items():
-            track, count = self._metrics[name], _update_count(metric)
-            if track.open_stage == stage and count != track.opened_at and count > 0:
-                track.stages.add(stage)
-                track.last_stage, track.moved_since_close = stage, True
-                if len(track.stages) > 1:
-                    stages = " and ".join(sorted(track.stages))
-                    self._report([Finding(
-                        "LV401", name, self._phase(stage) if stage != "train" else "train", f"end of {stage}",
-                        "one metric object per stage", f"the same object updated in {stages}",
-                        f"use one instance per stage: `self.train_{name} = metric.clone()`, `self.val_{name} = "
-                        "metric.clone()` (a `MetricCollection(...).clone(prefix='val_')` for collections)",
-                    )])
-            track.open_stage = None
-            if epoch_end and track.last_stage == stage:
-                track.closed_at, track.moved_since_close = count, False
+        self._metrics.close(stage, epoch_end)
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Helpers
-
-
-def _same_modes(snapshot: Snapshot, like: Snapshot) -> Snapshot:
-    """``snapshot`` with the modes of ``like`` where both have a submodule: for comparing content only.
-
-    Inside an evaluation every mode differs from the baseline (``.eval()``); those are checked elsewhere, and
-    grouping a thousand mode flips only to drop them would cost more than the content comparison.
-    """
-    modes = {n: like.modes.get(n, m) for n, m in snapshot.modes.items()}
-    return replace(snapshot, modes=modes)
 
 
 def _differs(value: object, default: object) -> bool:
@@ -833,106 +662,3 @@ def _differs(value: object, default: object) -> bool:
 
 def _owner(name: str) -> str:
     return name.rpartition(".")[0]
-
-
-def _overlaps(a: str, b: str) -> bool:
-    """Whether two reported names cover a common tensor: equal, or one a dotted prefix of the other."""
-    if a == b or "<model>" in (a, b):
-        return True
-    return a.startswith(b + ".") or b.startswith(a + ".")
-
-
-def _is_metric(module: nn.Module) -> bool:
-    metric = sys.modules.get("torchmetrics")
-    return metric is not None and isinstance(module, metric.Metric)
-
-
-def _update_count(metric: nn.Module) -> int:
-    count = getattr(metric, "_update_count", 0)
-    return count if isinstance(count, int) else 0
-
-
-def _detach_clone(value: Any) -> Any:
-    """Copy tensors in nested inputs so that an in-place change by the step does not change the probe's input."""
-    if isinstance(value, Tensor):
-        return value.detach().clone()
-    if isinstance(value, dict):
-        return {k: _detach_clone(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        items = [_detach_clone(v) for v in value]
-        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
-    return value
-
-
-def _tensors(value: Any) -> list[Tensor]:
-    if isinstance(value, Tensor):
-        return [value]
-    if isinstance(value, dict):
-        return [t for v in value.values() for t in _tensors(v)]
-    if isinstance(value, (list, tuple)):
-        return [t for v in value for t in _tensors(v)]
-    return []
-
-
-def _difference(a: Any, b: Any) -> str | None:
-    """``None`` when two outputs are equal within float tolerance, else a short description of the difference."""
-    ta, tb = _tensors(a), _tensors(b)
-    if len(ta) != len(tb):
-        return f"{len(ta)} vs {len(tb)} tensors"
-    for x, y in zip(ta, tb, strict=True):
-        if x.shape != y.shape:
-            return f"shapes {tuple(x.shape)} vs {tuple(y.shape)}"
-        if x.is_floating_point() or x.is_complex():
-            if not torch.allclose(x, y, rtol=1e-4, atol=1e-6, equal_nan=True):
-                return f"max abs difference {float((x - y).abs().max()):.3g}"
-        elif not torch.equal(x, y):
-            return "integer outputs differ"
-    return None
-
-
-class _Replay:
-    """Makes modules allowed to be random (MC dropout) give their first output again on the second run."""
-
-    def __init__(self, modules: list[nn.Module]) -> None:
-        self.modules = modules
-        self.outputs: dict[int, list[Any]] = {}
-        self.replaying = False
-        self.position: dict[int, int] = {}
-
-    def hook(self, module: nn.Module, args: Any, output: Any) -> Any:
-        key = id(module)
-        if self.replaying:
-            i = self.position.get(key, 0)
-            self.position[key] = i + 1
-            recorded = self.outputs.get(key, [])
-            return recorded[i] if i < len(recorded) else output
-        self.outputs.setdefault(key, []).append(output)
-        return output
-
-    def record(self) -> None:
-        self.outputs, self.position, self.replaying = {}, {}, False
-
-    def replay(self) -> None:
-        self.position, self.replaying = {}, True
-
-
-@contextmanager
-def _preserved_state(allowed: list[nn.Module]) -> Iterator[_Replay]:
-    """Random number generators and allowed modules' flags come back exactly as they were, whatever happens."""
-    cpu_rng = torch.random.get_rng_state()
-    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-    flags = [m.training for m in allowed]
-    replay = _Replay(allowed)
-    handles = [m.register_forward_hook(replay.hook) for m in allowed]
-    try:
-        for m in allowed:  # allowed train-mode modules run in eval for the probe: no state updates, less randomness
-            m.training = False
-        yield replay
-    finally:
-        for h in handles:
-            h.remove()
-        for m, flag in zip(allowed, flags, strict=True):
-            m.training = flag
-        torch.random.set_rng_state(cpu_rng)
-        if cuda_rng is not None:
-            torch.cuda.set_rng_state_all(cuda_rng)

@@ -1,0 +1,109 @@
+"""torchmetrics bookkeeping behind ``ModeCheck`` (LV401, LV402).
+
+Each torchmetrics object registered in the model has its update count read when a stage's batches start and when
+they end: an object updated in two stages is LV401, a count carried over from the previous epoch (never reset) is
+LV402. torchmetrics is looked up in ``sys.modules`` only, so nothing here imports it.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from lightning_validate.engine import ModeIndex
+from lightning_validate.findings import Finding
+
+__all__ = ["MetricTrack", "MetricTracker", "is_metric", "update_count"]
+
+
+def is_metric(module: nn.Module) -> bool:
+    """Whether ``module`` is a torchmetrics ``Metric`` (``False`` when torchmetrics was never imported)."""
+    metric = sys.modules.get("torchmetrics")
+    return metric is not None and isinstance(module, metric.Metric)
+
+
+def update_count(metric: nn.Module) -> int:
+    """The number of ``update`` calls since the metric's last reset (0 when it has no such counter)."""
+    count = getattr(metric, "_update_count", 0)
+    return count if isinstance(count, int) else 0
+
+
+@dataclass
+class MetricTrack:
+    """Update counts of one torchmetrics object at segment and epoch boundaries."""
+
+    opened_at: int = 0
+    open_stage: str | None = None
+    stages: set[str] = field(default_factory=set)
+    last_stage: str | None = None  # the stage that updated it last
+    closed_at: int = 0  # update count when the last epoch that updated it ended
+    moved_since_close: bool = False
+
+
+class MetricTracker:
+    """The torchmetrics objects of one run, with their update counts at each stage's start and end.
+
+    Args:
+        report: receives the findings as they are found (it may raise).
+        phase: maps an evaluation stage to the finding's phase (``validation`` -> ``sanity_check`` in the sanity
+            check).
+    """
+
+    def __init__(self, report: Callable[[Sequence[Finding]], None], phase: Callable[[str], str]) -> None:
+        self.report = report
+        self.phase = phase
+        self.tracks: dict[str, MetricTrack] = {}
+        self.objects: dict[str, nn.Module] = {}
+        self.index: ModeIndex | None = None
+
+    def discover(self, index: ModeIndex) -> None:
+        """Find the outermost torchmetrics objects among the indexed submodules (again only for a new index)."""
+        if index is self.index:
+            return
+        self.index = index
+        found: dict[str, nn.Module] = {}
+        inside: list[str] = []
+        for name, module in zip(index.names, index.modules, strict=True):
+            if is_metric(module) and not any(name.startswith(p + ".") for p in inside):
+                found[name] = module
+                inside.append(name)
+        self.objects = found
+        for name in found:
+            self.tracks.setdefault(name, MetricTrack())
+
+    def open(self, stage: str, epoch_start: bool = True) -> None:
+        """Record update counts when a stage's batches start; at an epoch's start, a count carried over is LV402."""
+        for name, metric in self.objects.items():
+            track, count = self.tracks[name], update_count(metric)
+            carried = count > 0 and count == track.closed_at and not track.moved_since_close
+            if epoch_start and carried and track.last_stage == stage:
+                self.report([Finding(
+                    "LV402", name, self.phase(stage) if stage != "train" else "train",
+                    f"first {stage} batch", "the update count back at 0 (reset) at the start of each epoch",
+                    f"{count} updates carried over from the previous epoch",
+                    f"call `self.{name}.reset()` after `self.{name}.compute()` at the end of each epoch, or log the "
+                    f"object itself (`self.log('...', self.{name})`) so that Lightning resets it",
+                )])
+            track.opened_at, track.open_stage = count, stage
+
+    def close(self, stage: str, epoch_end: bool) -> None:
+        """Note which stage updated each metric since it opened; one object updated in two stages is LV401."""
+        for name, metric in self.objects.items():
+            track, count = self.tracks[name], update_count(metric)
+            if track.open_stage == stage and count != track.opened_at and count > 0:
+                track.stages.add(stage)
+                track.last_stage, track.moved_since_close = stage, True
+                if len(track.stages) > 1:
+                    stages = " and ".join(sorted(track.stages))
+                    self.report([Finding(
+                        "LV401", name, self.phase(stage) if stage != "train" else "train", f"end of {stage}",
+                        "one metric object per stage", f"the same object updated in {stages}",
+                        f"use one instance per stage: `self.train_{name} = metric.clone()`, `self.val_{name} = "
+                        "metric.clone()` (a `MetricCollection(...).clone(prefix='val_')` for collections)",
+                    )])
+            track.open_stage = None
+            if epoch_end and track.last_stage == stage:
+                track.closed_at, track.moved_since_close = count, False

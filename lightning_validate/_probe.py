@@ -1,0 +1,170 @@
+"""The probe behind ``ModeCheck(probe=True)`` (LV103): run a batch twice in eval mode and compare the outputs.
+
+During the first evaluation batch a forward pre-hook records the first call of the LightningModule and of each
+direct child (inputs copied); at that batch's end each recorded call is run twice with the random number generators
+restored in between, and outputs that differ mean randomness in eval mode. Modules allowed in train mode (MC dropout)
+run in eval mode for the probe and replay their first output on the second run, so their randomness is not reported.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from lightning_validate._metric_tracking import is_metric
+from lightning_validate.engine import display_name
+from lightning_validate.findings import Finding
+
+__all__ = ["ProbeCalls", "probe_findings", "record_first_calls", "remove_hooks"]
+
+#: Qualified name (``""``: the model itself) -> the module and a copy of its first call's inputs.
+ProbeCalls = dict[str, tuple[nn.Module, tuple[Any, ...], dict[str, Any]]]
+
+
+def record_first_calls(model: nn.Module, handles: list[RemovableHandle]) -> ProbeCalls:
+    """Record the first call of ``model`` and of each direct child (torchmetrics objects excepted).
+
+    Args:
+        model: the LightningModule.
+        handles: receives each forward pre-hook handle as it is registered; remove them with ``remove_hooks``.
+
+    Returns:
+        The calls, filled in as the forward runs.
+    """
+    calls: ProbeCalls = {}
+    targets = [("", model), *((n, m) for n, m in model.named_children() if not is_metric(m))]
+    for name, module in targets:
+        def hook(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], name: str = name) -> None:
+            if name not in calls:
+                calls[name] = (mod, _detach_clone(args), _detach_clone(kwargs))
+        handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+    return calls
+
+
+def remove_hooks(handles: list[RemovableHandle]) -> None:
+    """Remove the pre-hooks registered by ``record_first_calls``."""
+    for handle in handles:
+        handle.remove()
+
+
+def probe_findings(calls: ProbeCalls, allowed: list[nn.Module], phase: str, stage: str) -> list[Finding]:
+    """Run each recorded call twice; differing outputs mean randomness in eval mode.
+
+    Args:
+        calls: the calls recorded by ``record_first_calls``.
+        allowed: the modules allowed in train mode (``allow_train_mode``); their randomness is replayed.
+        phase: the finding's phase.
+        stage: the evaluation stage (``validation``, ``test``, ``predict``).
+
+    Returns:
+        One LV103 finding per direct child whose outputs differ, or for the model itself when no child's do.
+    """
+    differing: list[tuple[str, str]] = []
+    with _preserved_state(allowed) as replay:
+        for name, (module, args, kwargs) in calls.items():
+            replay.record()
+            first = module(*args, **kwargs)
+            replay.replay()
+            second = module(*args, **kwargs)
+            diff = _difference(first, second)
+            if diff is not None:
+                differing.append((name, diff))
+    children = [(n, d) for n, d in differing if n]
+    return [Finding(
+        "LV103", display_name(name), phase, f"on_{stage}_batch_end (probe)",
+        "the same output for the same batch run twice in eval mode", f"outputs differ ({diff})",
+        "make randomness follow the mode: `F.dropout(x, p, training=self.training)` or an `nn.Dropout` module "
+        "instead of `training=True`; if the randomness is intended (MC dropout, sampling), allow the module: "
+        f"`allow_train_mode=[{display_name(name)!r}]`, or `ignore=['LV103']`",
+    ) for name, diff in (children or differing)]
+
+
+def _detach_clone(value: Any) -> Any:
+    """Copy tensors in nested inputs so that an in-place change by the step does not change the probe's input."""
+    if isinstance(value, Tensor):
+        return value.detach().clone()
+    if isinstance(value, dict):
+        return {k: _detach_clone(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        items = [_detach_clone(v) for v in value]
+        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
+    return value
+
+
+def _tensors(value: Any) -> list[Tensor]:
+    if isinstance(value, Tensor):
+        return [value]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _tensors(v)]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors(v)]
+    return []
+
+
+def _difference(a: Any, b: Any) -> str | None:
+    """``None`` when two outputs are equal within float tolerance, else a short description of the difference."""
+    ta, tb = _tensors(a), _tensors(b)
+    if len(ta) != len(tb):
+        return f"{len(ta)} vs {len(tb)} tensors"
+    for x, y in zip(ta, tb, strict=True):
+        if x.shape != y.shape:
+            return f"shapes {tuple(x.shape)} vs {tuple(y.shape)}"
+        if x.is_floating_point() or x.is_complex():
+            if not torch.allclose(x, y, rtol=1e-4, atol=1e-6, equal_nan=True):
+                return f"max abs difference {float((x - y).abs().max()):.3g}"
+        elif not torch.equal(x, y):
+            return "integer outputs differ"
+    return None
+
+
+class _Replay:
+    """Makes modules allowed to be random (MC dropout) give their first output again on the second run."""
+
+    def __init__(self, modules: list[nn.Module]) -> None:
+        self.modules = modules
+        self.outputs: dict[int, list[Any]] = {}
+        self.replaying = False
+        self.position: dict[int, int] = {}
+
+    def hook(self, module: nn.Module, args: Any, output: Any) -> Any:
+        key = id(module)
+        if self.replaying:
+            i = self.position.get(key, 0)
+            self.position[key] = i + 1
+            recorded = self.outputs.get(key, [])
+            return recorded[i] if i < len(recorded) else output
+        self.outputs.setdefault(key, []).append(output)
+        return output
+
+    def record(self) -> None:
+        self.outputs, self.position, self.replaying = {}, {}, False
+
+    def replay(self) -> None:
+        self.position, self.replaying = {}, True
+
+
+@contextmanager
+def _preserved_state(allowed: list[nn.Module]) -> Iterator[_Replay]:
+    """Random number generators and allowed modules' flags come back exactly as they were, whatever happens."""
+    cpu_rng = torch.random.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    flags = [m.training for m in allowed]
+    replay = _Replay(allowed)
+    handles = [m.register_forward_hook(replay.hook) for m in allowed]
+    try:
+        for m in allowed:  # allowed train-mode modules run in eval for the probe: no state updates, less randomness
+            m.training = False
+        yield replay
+    finally:
+        for h in handles:
+            h.remove()
+        for m, flag in zip(allowed, flags, strict=True):
+            m.training = flag
+        torch.random.set_rng_state(cpu_rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
