@@ -62,7 +62,6 @@ from lightning_validate.findings import CODES, Finding, ModeCheckError, ModeChec
 
 __all__ = ["ModeCheck"]
 
-_EVAL_STAGES = ("validation", "test", "predict")
 #: Trainer function -> evaluation stages whose hooks it runs.
 _STAGES_OF = {"fit": ("validation",), "validate": ("validation",), "test": ("test",), "predict": ("predict",)}
 _REPORT_VERSION = 1
