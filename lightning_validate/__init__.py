@@ -25,13 +25,13 @@ from typing import TYPE_CHECKING, Any
 
 from lightning_validate.__about__ import __version__
 from lightning_validate.engine import Snapshot, compare, take_snapshot
-from lightning_validate.evaluating import evaluating
 from lightning_validate.findings import CODES, Finding, ModeCheckError, ModeCheckWarning
+from lightning_validate.plain.context import evaluating
 
 if TYPE_CHECKING:
-    from lightning_validate.loop import validate
-    from lightning_validate.mixin import ValidationMixin
-    from lightning_validate.mode_check import ModeCheck
+    from lightning_validate.mixin.mixin import ValidationMixin
+    from lightning_validate.mode_check.callback import ModeCheck
+    from lightning_validate.plain.loop import validate
 
 __all__ = [
     "CODES",
@@ -51,9 +51,9 @@ __all__ = [
 # Names whose modules import Lightning (or tqdm) are loaded on first attribute access, so that plain-PyTorch
 # users of `evaluating()` pay nothing for Lightning.
 _LAZY = {
-    "ModeCheck": "lightning_validate.mode_check",
-    "ValidationMixin": "lightning_validate.mixin",
-    "validate": "lightning_validate.loop",
+    "ModeCheck": "lightning_validate.mode_check.callback",
+    "ValidationMixin": "lightning_validate.mixin.mixin",
+    "validate": "lightning_validate.plain.loop",
 }
 
 

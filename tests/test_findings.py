@@ -15,7 +15,7 @@ DOCS = Path(__file__).resolve().parents[1] / "docs" / "codes.md"
 
 
 def _finding(**kwargs: str) -> Finding:
-    fields = {"code": "LV205", "module": "backbone.bn1", "phase": "validation", "boundary": "on_validation_end",
+    fields = {"code": "LV205", "module": "backbone.bn1", "phase": "validate", "boundary": "on_validation_end",
               "expected": "eval mode as before evaluation", "seen": "backbone.bn1 (BatchNorm2d) in train mode",
               "fix": "`model.backbone.bn1.eval()`"}
     return Finding(**{**fields, **kwargs})
@@ -24,7 +24,7 @@ def _finding(**kwargs: str) -> Finding:
 def test_message_format() -> None:
     f = _finding()
     assert f.message == (
-        "LV205 submodule mode not restored after evaluation: `backbone.bn1` at validation/on_validation_end: "
+        "LV205 submodule mode not restored after evaluation: `backbone.bn1` at validate/on_validation_end: "
         "expected eval mode as before evaluation, saw backbone.bn1 (BatchNorm2d) in train mode. "
         "Fix: `model.backbone.bn1.eval()`"
     )
@@ -35,7 +35,7 @@ def test_message_format() -> None:
 def test_message_with_detail_and_without_boundary() -> None:
     f = _finding(boundary="", detail="covers 12 submodules; changed in on_validation_epoch_end")
     assert f.message == (
-        "LV205 submodule mode not restored after evaluation: `backbone.bn1` at validation: expected eval mode as "
+        "LV205 submodule mode not restored after evaluation: `backbone.bn1` at validate: expected eval mode as "
         "before evaluation, saw backbone.bn1 (BatchNorm2d) in train mode (covers 12 submodules; changed in "
         "on_validation_epoch_end). Fix: `model.backbone.bn1.eval()`"
     )
@@ -47,7 +47,7 @@ def test_message_is_one_line() -> None:
 
 def test_key_ignores_the_boundary() -> None:
     a, b = _finding(boundary="on_validation_batch_start"), _finding(boundary="on_validation_end")
-    assert a.key == b.key == ("LV205", "backbone.bn1", "validation")
+    assert a.key == b.key == ("LV205", "backbone.bn1", "validate")
     assert a.key != _finding(phase="test").key
 
 
@@ -125,8 +125,8 @@ def _engine_messages() -> dict[str, str]:
     import torch
     from torch import nn
 
+    from lightning_validate import evaluating
     from lightning_validate.engine import check_eval_state, check_train_state, compare, take_snapshot
-    from lightning_validate.evaluating import evaluating
 
     class Net(nn.Module):
         def __init__(self) -> None:
@@ -157,9 +157,9 @@ def _engine_messages() -> dict[str, str]:
 
     model.eval()
     model.head[1].train()
-    keep(check_eval_state(model, phase="validation", boundary="on_validation_batch_start", allow_grad=True))
+    keep(check_eval_state(model, phase="validate", boundary="on_validation_batch_start", allow_grad=True))
     model.eval()
-    keep(check_eval_state(model, phase="validation", boundary="on_validation_batch_start"))
+    keep(check_eval_state(model, phase="validate", boundary="on_validation_batch_start"))
     model.train()
     checked(lambda: model.head[2].weight.data.clamp_(-0.01, 0.01))
     checked(lambda: (model.backbone.train(), model(x)))
@@ -176,10 +176,10 @@ def _engine_messages() -> dict[str, str]:
     before = take_snapshot(model)
     model.eval()
     model.train()
-    keep(compare(before, take_snapshot(model), phase="validation", boundary="on_validation_model_train"))
+    keep(compare(before, take_snapshot(model), phase="validate", boundary="on_validation_model_train"))
     before = take_snapshot(model)
     model.aux = nn.Linear(8, 2)
-    keep(compare(before, take_snapshot(model), phase="validation", boundary="on_validation_end"))
+    keep(compare(before, take_snapshot(model), phase="validate", boundary="on_validation_end"))
     del model.aux
     with torch.no_grad():
         keep(check_train_state(model, boundary="on_train_batch_start"))

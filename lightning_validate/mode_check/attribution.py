@@ -12,9 +12,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from lightning_validate.engine import Snapshot, compare
-from lightning_validate.findings import Finding
+from lightning_validate.findings import ROOT, Finding
+from lightning_validate.stages import RunningStage, hook_word
 
-__all__ = ["Mark", "attribute", "same_modes"]
+__all__ = ["Mark", "attribute"]
 
 
 @dataclass
@@ -27,7 +28,7 @@ class Mark:
     batches: int = 0  # evaluation batches started before this mark
 
 
-def attribute(marks: Sequence[Mark], findings: list[Finding], phase: str, stage: str) -> list[Finding]:
+def attribute(marks: Sequence[Mark], findings: list[Finding], phase: str, stage: RunningStage) -> list[Finding]:
     """Name the hook that made each change; drop changes made only by trusted callbacks (EMA swap, pruning).
 
     Args:
@@ -44,8 +45,8 @@ def attribute(marks: Sequence[Mark], findings: list[Finding], phase: str, stage:
         if a.snapshot is b.snapshot:
             continue
         label = b.after_hook or ("the evaluation steps" if b.batches > a.batches else "")
-        found = [f for f in compare(a.snapshot, same_modes(b.snapshot, a.snapshot), phase=phase)
-                 if f.code != "LV203"]
+        # Content only: modes are those of evaluation throughout, requires_grad flags are compared elsewhere.
+        found = compare(a.snapshot, b.snapshot, phase=phase, modes=False, requires_grad=False)
         segments.append((label, b.trusted and bool(b.after_hook), found))
     kept: list[Finding] = []
     for f in findings:
@@ -56,24 +57,19 @@ def attribute(marks: Sequence[Mark], findings: list[Finding], phase: str, stage:
         labels = list(dict.fromkeys(label for label, trusted in hits if not trusted and label))
         if labels:
             made = ", ".join(f"`{x}`" if x != "the evaluation steps" else
-                             f"{stage}_step or a batch hook" for x in labels)
+                             f"{_step(stage)} or a batch hook" for x in labels)
             f = replace(f, detail="; ".join(x for x in (f.detail, f"changed in {made}") if x))
         kept.append(f)
     return kept
 
 
-def same_modes(snapshot: Snapshot, like: Snapshot) -> Snapshot:
-    """``snapshot`` with the modes of ``like`` where both have a submodule: for comparing content only.
-
-    Inside an evaluation every mode differs from the baseline (``.eval()``); those are checked elsewhere, and
-    grouping a thousand mode flips only to drop them would cost more than the content comparison.
-    """
-    modes = {n: like.modes.get(n, m) for n, m in snapshot.modes.items()}
-    return replace(snapshot, modes=modes)
+def _step(stage: RunningStage) -> str:
+    """The step that runs the batches of an evaluation stage: ``validation_step``, ``test_step``..."""
+    return f"{hook_word(stage)}_step"
 
 
 def _overlaps(a: str, b: str) -> bool:
     """Whether two reported names cover a common tensor: equal, or one a dotted prefix of the other."""
-    if a == b or "<model>" in (a, b):
+    if a == b or ROOT in (a, b):
         return True
     return a.startswith(b + ".") or b.startswith(a + ".")

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -40,30 +41,39 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
-from lightning_validate._attribution import Mark, attribute, same_modes
-from lightning_validate._hook_wrapping import HookWrappers, is_lightning_readonly, trusted_callback_types
-from lightning_validate._metric_tracking import MetricTracker
-from lightning_validate._probe import ProbeCalls, probe_findings, record_first_calls, remove_hooks
 from lightning_validate.engine import (
+    Globs,
     ModeIndex,
     Snapshot,
     check_eval_state,
     check_train_state,
     compare,
-    matches_any,
     take_snapshot,
 )
-from lightning_validate.findings import CODES, Finding, ModeCheckError, ModeCheckWarning
+from lightning_validate.engine.names import glob_problem
+from lightning_validate.findings import CODES, Finding, ModeCheckError, ModeCheckWarning, Policy
+from lightning_validate.mode_check.attribution import Mark, attribute
+from lightning_validate.mode_check.hook_wrapping import HookWrappers, is_lightning_readonly, trusted_callback_types
+from lightning_validate.mode_check.metric_tracking import MetricTracker
+from lightning_validate.mode_check.probe import ProbeCalls, probe_findings, record_first_calls, remove_hooks
+from lightning_validate.stages import RunningStage, evaluation_stages, hook_word
 
 __all__ = ["ModeCheck"]
 
-#: Trainer function -> evaluation stages whose hooks it runs.
-_STAGES_OF = {"fit": ("validation",), "validate": ("validation",), "test": ("test",), "predict": ("predict",)}
+#: The summary goes through logging, never ``print``: an application or a test that patches ``print`` sees nothing
+#: of it, and ``logging.getLogger("lightning_validate").setLevel(logging.WARNING)`` silences it. Configured as
+#: Lightning configures its own logger: INFO to stderr unless the application configured logging itself.
+_log = logging.getLogger("lightning_validate")
+_log.setLevel(logging.INFO)
+if not _log.handlers and not logging.getLogger().hasHandlers():
+    _log.addHandler(logging.StreamHandler())
+    _log.propagate = False
+
 _REPORT_VERSION = 1
 
 
@@ -71,8 +81,8 @@ _REPORT_VERSION = 1
 class _EvalRun:
     """Bookkeeping of one evaluation loop run (a validation, the sanity check, a test or a predict run)."""
 
-    stage: str  # validation, test, predict
-    phase: str  # validation, sanity_check, test, predict
+    stage: RunningStage  # VALIDATING, TESTING or PREDICTING: whose hooks run
+    phase: str  # the running stage's value: the sanity check runs the validation hooks as "sanity_check"
     baseline: Snapshot
     index: ModeIndex
     marks: list[Mark] = field(default_factory=list)
@@ -157,15 +167,13 @@ class ModeCheck(Callback):
             "probe": (probe, False), "report_path": (report_path, None), "verbose": (verbose, True),
         }
         problems: list[str] = []
-        if on_violation not in ("warn", "raise"):
+        policy = Policy.parse(on_violation)
+        if policy is None:
             problems.append(f"Expected `on_violation` to be 'warn' or 'raise' but got {on_violation!r}.")
         for arg in ("allow_train_mode", "allow_eval_mode"):
-            value = given[arg][0]
-            if isinstance(value, str):
-                problems.append(f"Expected `{arg}` to be a list of names or glob patterns but got the string "
-                                f"{value!r}: write `{arg}=[{value!r}]`.")
-            elif not isinstance(value, Sequence) or not all(isinstance(p, str) for p in value):
-                problems.append(f"Expected `{arg}` to be a list of names or glob patterns (str) but got {value!r}.")
+            problem = glob_problem(arg, given[arg][0])
+            if problem is not None:
+                problems.append(problem)
         for arg in ("allow_grad", "probe", "verbose"):
             if not isinstance(given[arg][0], bool):
                 problems.append(f"Expected `{arg}` to be True or False but got {given[arg][0]!r}.")
@@ -187,9 +195,11 @@ class ModeCheck(Callback):
             call = ", ".join(f"{k}={v!r}" for k, (v, default) in given.items() if _differs(v, default))
             raise ValueError(f"`ModeCheck({call})` is not valid. " + " ".join(problems))
 
+        assert policy is not None
         self.on_violation = on_violation
-        self.allow_train_mode = tuple(allow_train_mode)
-        self.allow_eval_mode = tuple(allow_eval_mode)
+        self.policy = policy
+        self.allow_train_mode = Globs(allow_train_mode)
+        self.allow_eval_mode = Globs(allow_eval_mode)
         self.allow_grad = allow_grad
         self.ignore = frozenset(ignore)
         self.probe = probe
@@ -201,13 +211,13 @@ class ModeCheck(Callback):
         self._counts: Counter[tuple[str, str, str]] = Counter()
         self._boundaries: Counter[str] = Counter()
         self._pending: list[Finding] = []
-        self._stage = ""
+        self._fn = ""  # the trainer function of the run: fit, validate, test, predict
         self._trainer: pl.Trainer | None = None
         self._module: pl.LightningModule | None = None
         self._hooks = HookWrappers(self._guard, self._is_disabled, self._sync)
         self._disabled = False
         self._eval: _EvalRun | None = None
-        self._restore_hooked: set[str] = set()
+        self._restore_hooked: set[RunningStage] = set()
         self._train_epoch_first = False
         self._train_reopen = False
         self._metrics = MetricTracker(self._report, self._phase)
@@ -253,15 +263,15 @@ class ModeCheck(Callback):
 
     @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._ensure_eval("validation", "on_validation_start")
+        self._ensure_eval(RunningStage.VALIDATING, "on_validation_start")
 
     @override
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._ensure_eval("test", "on_test_start")
+        self._ensure_eval(RunningStage.TESTING, "on_test_start")
 
     @override
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._ensure_eval("predict", "on_predict_start")
+        self._ensure_eval(RunningStage.PREDICTING, "on_predict_start")
 
     @override
     def on_validation_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
@@ -299,12 +309,12 @@ class ModeCheck(Callback):
     def _start_run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._hooks.uninstall()
         self._run_findings, self._counts, self._boundaries, self._pending = [], Counter(), Counter(), []
-        self._stage, self._trainer, self._module = str(getattr(stage, "value", stage)), trainer, pl_module
+        self._fn, self._trainer, self._module = str(getattr(stage, "value", stage)), trainer, pl_module
         self._disabled, self._eval, self._restore_hooked = False, None, set()
         self._train_epoch_first = self._train_reopen = False
         self._metrics, self._index = MetricTracker(self._report, self._phase), None
         with self._guard("setup"):
-            self._install(trainer, pl_module, self._stage)
+            self._install(trainer, pl_module, self._fn)
 
     def _end_run(self, status: str) -> None:
         if self._trainer is None:  # hooks called twice (teardown after on_exception) or never set up
@@ -321,7 +331,7 @@ class ModeCheck(Callback):
         if self.report_path is not None:
             self._write_report(trainer, status if error is None else "interrupted")
         if self.verbose and status == "finished" and trainer.is_global_zero:
-            print(self.summary())
+            _log_summary(self.summary())
         if error is not None:
             raise error
 
@@ -334,7 +344,7 @@ class ModeCheck(Callback):
 
         """
         total = sum(self._boundaries.values())
-        where = f" ({self._stage})" if self._stage else ""
+        where = f" ({self._fn})" if self._fn else ""
         if not self._run_findings:
             return f"ModeCheck{where}: {total} boundaries checked, no findings."
         by_code: dict[str, list[Finding]] = {}
@@ -365,7 +375,7 @@ class ModeCheck(Callback):
             return
         report = {
             "version": _REPORT_VERSION,
-            "stage": self._stage,
+            "stage": self._fn,
             "status": status,
             "rank": trainer.global_rank,
             "world_size": trainer.world_size,
@@ -390,7 +400,7 @@ class ModeCheck(Callback):
             known = any(g.key == f.key for g in self.findings)
             if not known:
                 self.findings.append(f)
-            if self.on_violation == "warn":
+            if self.policy is Policy.WARN:
                 if known:  # warned in an earlier run of this callback: once per distinct finding
                     continue
                 rank_zero_warn(f.message, category=ModeCheckWarning)
@@ -408,7 +418,7 @@ class ModeCheck(Callback):
         Called at boundaries that every rank passes in the same order, also after the callback disabled itself,
         so that no rank waits for a collective the others never join.
         """
-        if self.on_violation != "raise" or self._trainer is None or self._world_size() <= 1:
+        if self.policy is not Policy.RAISE or self._trainer is None or self._world_size() <= 1:
             return
         local = bool(self._pending)
         if not self._trainer.strategy.reduce_boolean_decision(local, all=False):
@@ -453,13 +463,15 @@ class ModeCheck(Callback):
     # ----------------------------------------------------------------------------------------------------------
     # Wrapping the LightningModule's and other callbacks' hooks
 
-    def _install(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+    def _install(self, trainer: pl.Trainer, pl_module: pl.LightningModule, fn: str) -> None:
         trusted, wrap = trusted_callback_types(), self._hooks.wrap
-        for s in _STAGES_OF.get(stage, ()):
-            wrap(pl_module, f"on_{s}_model_eval", functools.partial(self._begin_eval, s), None)
-            if s != "predict" and is_overridden(f"on_{s}_model_train", pl_module):
-                self._restore_hooked.add(s)
-                wrap(pl_module, f"on_{s}_model_train", None, functools.partial(self._check_restore, s), sync=True)
+        for stage in evaluation_stages(fn):
+            s = hook_word(stage)
+            wrap(pl_module, f"on_{s}_model_eval", functools.partial(self._begin_eval, stage), None)
+            if stage is not RunningStage.PREDICTING and is_overridden(f"on_{s}_model_train", pl_module):
+                self._restore_hooked.add(stage)
+                wrap(pl_module, f"on_{s}_model_train", None, functools.partial(self._check_restore, stage),
+                     sync=True)
             callbacks: list[Callback] = getattr(trainer, "callbacks", [])
             owners: list[tuple[object, str, bool]] = [
                 (cb, type(cb).__name__, isinstance(cb, trusted)) for cb in callbacks
@@ -480,23 +492,26 @@ class ModeCheck(Callback):
     # ----------------------------------------------------------------------------------------------------------
     # Evaluation
 
-    def _phase(self, stage: str) -> str:
-        return "sanity_check" if self._trainer is not None and self._trainer.sanity_checking else stage
+    def _phase(self, stage: RunningStage) -> str:
+        """The phase of findings: the running stage's value (the sanity check runs the validation hooks)."""
+        if stage is RunningStage.VALIDATING and self._trainer is not None and self._trainer.sanity_checking:
+            return RunningStage.SANITY_CHECKING.value
+        return stage.value
 
-    def _begin_eval(self, stage: str, boundary: str = "") -> None:
+    def _begin_eval(self, stage: RunningStage, boundary: str = "") -> None:
         """Baseline: every submodule's mode, ``requires_grad``, and the content, right before ``.eval()``."""
         assert self._module is not None
         # A validation inside fit interrupts the training epoch: the metrics' train segment ends here.
-        self._metrics_close("train", epoch_end=False)
+        self._metrics_close(RunningStage.TRAINING, epoch_end=False)
         self._train_reopen = True
         baseline = take_snapshot(self._module, content=True, grads=True)
         index = self._index
         if index is None or index.model is not self._module or index.names != list(baseline.modes):
             index = self._index = ModeIndex(self._module, self.allow_train_mode)  # the structure changed: walk again
         self._eval = _EvalRun(stage, self._phase(stage), baseline, index, [Mark(baseline)])
-        self._count(boundary or f"on_{stage}_model_eval")
+        self._count(boundary or f"on_{hook_word(stage)}_model_eval")
 
-    def _ensure_eval(self, stage: str, boundary: str) -> None:
+    def _ensure_eval(self, stage: RunningStage, boundary: str) -> None:
         """Fallback baseline when the ``on_{stage}_model_eval`` wrapper did not run (the hook was replaced)."""
         with self._guard(boundary):
             if self._eval is None or self._eval.finished or self._eval.stage != stage:
@@ -540,13 +555,12 @@ class ModeCheck(Callback):
         self._remove_probe(run)
         if run.dirty or len(run.marks) == 1:
             run.marks.append(Mark(take_snapshot(self._module, content=True, grads=True), batches=run.batches))
-        end = same_modes(run.marks[-1].snapshot, run.baseline)
         self._count(boundary)
-        findings = compare(run.baseline, end, phase=run.phase, boundary=boundary)
-        if run.stage in self._restore_hooked:
-            findings = [f for f in findings if f.code != "LV203"]  # compared after the restore override instead
-        findings = [f for f in findings if not (f.code == "LV202" and (self._buffers_broadcast() or matches_any(
-            _owner(f.module), self.allow_train_mode)))]
+        # Modes are still those of evaluation here (checked after the restore); requires_grad flags too when the
+        # LightningModule overrides the restore hook (they are compared right after it instead).
+        findings = compare(run.baseline, run.marks[-1].snapshot, phase=run.phase, boundary=boundary, modes=False,
+                           requires_grad=run.stage not in self._restore_hooked, buffers=not self._buffers_broadcast(),
+                           allow_train_mode=self.allow_train_mode)
         if findings:
             findings = attribute(run.marks, findings, run.phase, run.stage)
         self._metrics_close(run.stage, epoch_end=True)
@@ -567,16 +581,17 @@ class ModeCheck(Callback):
         if self._eval is not None and not self._eval.finished:
             self._finish_eval(boundary)
 
-    def _check_restore(self, stage: str) -> None:
+    def _check_restore(self, stage: RunningStage) -> None:
         """After the LightningModule's ``on_{stage}_model_train`` override: modes and flags as before ``.eval()``."""
         run = self._eval
         if run is None or self._module is None:
             return
-        self._count(f"on_{stage}_model_train")
+        hook = f"on_{hook_word(stage)}_model_train"
+        self._count(hook)
         after = take_snapshot(self._module, content=False, grads=False)
-        findings = [f for f in compare(run.baseline, after, phase=run.phase, boundary=f"on_{stage}_model_train",
-                                       allow_train_mode=self.allow_train_mode) if f.code in ("LV203", "LV205")]
-        detail = f"made by `{type(self._module).__name__}.on_{stage}_model_train`"
+        findings = compare(run.baseline, after, phase=run.phase, boundary=hook, structure=False,
+                           allow_train_mode=self.allow_train_mode)
+        detail = f"made by `{type(self._module).__name__}.{hook}`"
         self._report([replace(f, detail="; ".join(x for x in (f.detail, detail) if x)) for f in findings])
 
     # ----------------------------------------------------------------------------------------------------------
@@ -601,7 +616,7 @@ class ModeCheck(Callback):
             return []
         self._count("probe")
         allowed = [m for n, m in zip(run.index.names, run.index.modules, strict=True)
-                   if self.allow_train_mode and matches_any(n, self.allow_train_mode)]
+                   if self.allow_train_mode.covers(n)]
         return probe_findings(calls, allowed, run.phase, run.stage)
 
     # ----------------------------------------------------------------------------------------------------------
@@ -617,11 +632,11 @@ class ModeCheck(Callback):
                 index = ModeIndex(self._module)
                 self._report(check_train_state(index, boundary="on_train_batch_start (first of the epoch)",
                                                allow_eval_mode=self.allow_eval_mode))
-                self._metrics_open("train", index, epoch_start=True)
+                self._metrics_open(RunningStage.TRAINING, index, epoch_start=True)
                 return
             if self._train_reopen:
                 self._train_reopen = False
-                self._metrics_open("train", None, epoch_start=False)
+                self._metrics_open(RunningStage.TRAINING, None, epoch_start=False)
             if not torch.is_grad_enabled():
                 self._report(check_train_state(self._module, boundary="on_train_batch_start",
                                                allow_eval_mode=self.allow_eval_mode)[:1])
@@ -631,19 +646,19 @@ class ModeCheck(Callback):
             return
         with self._guard("on_train_epoch_end"):
             self._finish_pending_eval("on_train_epoch_end")
-            self._metrics_close("train", epoch_end=True)
+            self._metrics_close(RunningStage.TRAINING, epoch_end=True)
 
     # ----------------------------------------------------------------------------------------------------------
     # torchmetrics objects (LV401, LV402)
 
-    def _metrics_open(self, stage: str, index: ModeIndex | None, epoch_start: bool = True) -> None:
+    def _metrics_open(self, stage: RunningStage, index: ModeIndex | None, epoch_start: bool = True) -> None:
         """Record update counts when a stage's batches start; at an epoch's start, a count carried over is LV402."""
         if index is not None:  # metrics may be created late (in `setup` or `configure_model`): look again
             self._metrics.discover(index)
-        self._count(f"metrics ({stage} start)")
+        self._count(f"metrics ({hook_word(stage)} start)")
         self._metrics.open(stage, epoch_start)
 
-    def _metrics_close(self, stage: str, epoch_end: bool) -> None:
+    def _metrics_close(self, stage: RunningStage, epoch_end: bool) -> None:
         """Note which stage updated each metric since it opened; one object updated in two stages is LV401."""
         self._metrics.close(stage, epoch_end)
 
@@ -659,5 +674,6 @@ def _differs(value: object, default: object) -> bool:
         return True
 
 
-def _owner(name: str) -> str:
-    return name.rpartition(".")[0]
+@rank_zero_only
+def _log_summary(text: str) -> None:
+    _log.info(text)

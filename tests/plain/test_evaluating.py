@@ -293,8 +293,9 @@ def test_data_parallel_wrapper_flag_restored() -> None:
         ({"check": 1}, ValueError, r"`evaluating\(check=1\)` is not valid"),
         ({"inference_mode": "yes"}, TypeError, r"`evaluating\(inference_mode='yes'\)` is not valid. Expected True or "
                                                r"False."),
-        ({"allow_train_mode": "head.0"}, TypeError, r"Expected argument `allow_train_mode` to be a list of glob "
-                                                    r"patterns but got 'head.0': `allow_train_mode=\['head.0'\]`"),
+        ({"allow_train_mode": "head.0"}, TypeError, r"Expected `allow_train_mode` to be a list of names or glob "
+                                                    r"patterns but got the string 'head.0': write "
+                                                    r"`allow_train_mode=\['head.0'\]`."),
     ],
 )
 def test_bad_arguments_raise_and_change_nothing(kwargs: dict[str, object], error: type[Exception], match: str) -> None:

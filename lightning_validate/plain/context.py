@@ -1,8 +1,9 @@
 """``evaluating()``: eval mode and grad off for a block, and the model given back exactly as it came.
 
-The seed's loop calls ``model.eval()`` and, at the end, ``model.train()``. The second call un-freezes every submodule
-the user had put in eval on purpose (a frozen BatchNorm backbone), and neither runs when a batch raises.
-``evaluating()`` records each submodule's own ``training`` flag and assigns it back on exit, also on an exception.
+The usual hand-written loop calls ``model.eval()`` and, at the end, ``model.train()``. The second call un-freezes
+every submodule the user had put in eval on purpose (a frozen BatchNorm backbone), and neither runs when a batch
+raises. ``evaluating()`` records each submodule's own ``training`` flag and assigns it back on exit, also on an
+exception.
 
 Example:
     >>> import torch
@@ -25,22 +26,21 @@ from typing import Literal
 import torch
 from torch import nn
 
-from lightning_validate.engine import ModeIndex, _patterns, check_eval_state, compare, take_snapshot, unwrap
-from lightning_validate.findings import Finding, ModeCheckError, ModeCheckWarning
+from lightning_validate.engine import Globs, ModeIndex, check_eval_state, compare, take_snapshot, unwrap
+from lightning_validate.findings import PLAIN, Finding, ModeCheckError, ModeCheckWarning, Policy
 
 __all__ = ["evaluating"]
 
 Check = bool | Literal["warn", "raise"]
 
 
-def _check_arg(check: object) -> Literal["warn", "raise"] | None:
+def _policy(check: object) -> Policy | None:
     if check is False or check is None:
         return None
-    if check is True or check == "warn":
-        return "warn"
-    if check == "raise":
-        return "raise"
-    raise ValueError(f"`evaluating(check={check!r})` is not valid. Expected False, True, 'warn' or 'raise'.")
+    policy = Policy.WARN if check is True else Policy.parse(check)
+    if policy is None:
+        raise ValueError(f"`evaluating(check={check!r})` is not valid. Expected False, True, 'warn' or 'raise'.")
+    return policy
 
 
 @contextlib.contextmanager
@@ -65,7 +65,8 @@ def evaluating(
         check: ``True`` or ``"warn"``: on a normal exit, warn (``ModeCheckWarning``) if the block changed
             parameters, buffers (BatchNorm statistics), ``requires_grad`` flags or ``.grad``, or left a submodule in
             train mode; ``"raise"``: raise ``ModeCheckError`` instead. The model is restored first either way.
-        allow_train_mode: with ``check``, glob patterns of submodules the block may put in train mode on purpose.
+        allow_train_mode: with ``check``, names or glob patterns of submodules the block may put in train mode on
+            purpose (their buffers may change too).
 
     Yields:
         The model, for ``with evaluating(model) as m:``.
@@ -84,34 +85,34 @@ def evaluating(
         )
     if not isinstance(inference_mode, bool):
         raise TypeError(f"`evaluating(inference_mode={inference_mode!r})` is not valid. Expected True or False.")
-    on_violation = _check_arg(check)
-    allow_train_mode = _patterns("allow_train_mode", allow_train_mode)
+    policy = _policy(check)
+    allowed = Globs.parse("allow_train_mode", allow_train_mode)
     inner = unwrap(model)
     # The wrappers' own flags too (DDP, OptimizedModule): `model.eval()` below sets them.
     modes = [(m, m.training) for m in model.modules()]
-    before = take_snapshot(inner, grads=True) if on_violation else None
+    before = take_snapshot(inner, grads=True) if policy is not None else None
     grad_ctx = torch.inference_mode() if inference_mode else torch.no_grad()
     findings: list[Finding] = []
     try:
         with grad_ctx:
             model.eval()
-            findings += _force_eval(inner, allow_train_mode, report=on_violation is not None)
+            findings += _force_eval(inner, allowed, report=policy is not None)
             yield model
-            # Checked inside the block's own grad context, before anything is restored: this is what the block saw.
-            if on_violation:
-                findings += [f for f in check_eval_state(inner, phase="evaluating", boundary="end",
-                                                         allow_train_mode=allow_train_mode)
-                             if f.code != "LV102"]  # grad is ours to manage here
+            # Checked inside the block's own grad context, before anything is restored: what the block saw. Grad is
+            # ours to manage here, so only the modes are checked.
+            if policy is not None:
+                findings += check_eval_state(inner, phase=PLAIN, boundary="end", allow_train_mode=allowed,
+                                             allow_grad=True)
     finally:
         for module, flag in modes:
             module.training = flag
-    if before is not None:
-        findings += compare(before, take_snapshot(inner, grads=True), phase="evaluating", boundary="end",
-                            allow_train_mode=allow_train_mode)
-        _report(findings, on_violation)
+    if before is not None and policy is not None:
+        findings += compare(before, take_snapshot(inner, grads=True), phase=PLAIN, boundary="end",
+                            allow_train_mode=allowed)
+        _report(findings, policy)
 
 
-def _force_eval(model: nn.Module, allow_train_mode: Sequence[str], *, report: bool) -> list[Finding]:
+def _force_eval(model: nn.Module, allowed: Globs, *, report: bool) -> list[Finding]:
     """Put in eval mode the submodules whose ``train(mode)`` override ignored ``mode`` in ``model.eval()``.
 
     Allowlisted submodules (MC dropout kept in train on purpose) are left as they are. With ``report``, the
@@ -119,17 +120,17 @@ def _force_eval(model: nn.Module, allow_train_mode: Sequence[str], *, report: bo
     """
     if not any(m.training for m in model.modules()):
         return []
-    index = ModeIndex(model, allow_train_mode)
-    findings = check_eval_state(index, phase="evaluating", boundary="start", allow_grad=True) if report else []
-    for _, module in index._checked:
+    index = ModeIndex(model, allowed)
+    findings = check_eval_state(index, phase=PLAIN, boundary="start", allow_grad=True) if report else []
+    for _, module in index.checked:
         module.training = False
     return findings
 
 
-def _report(findings: list[Finding], on_violation: Literal["warn", "raise"] | None) -> None:
+def _report(findings: list[Finding], policy: Policy) -> None:
     if not findings:
         return
-    if on_violation == "raise":
+    if policy is Policy.RAISE:
         raise ModeCheckError(
             "evaluating() found that the block broke a rule of evaluation:\n"
             + "\n".join(f"  {f.message}" for f in findings),

@@ -20,7 +20,9 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from torchmetrics.wrappers import ClasswiseWrapper
 from tqdm import tqdm
 
-from lightning_validate import loop, validate
+from lightning_validate import validate
+from lightning_validate.metrics.batches import to_device
+from lightning_validate.plain import loop
 
 # --------------------------------------------------------------------------------------------------------------
 # The seed's loop, as published (model-validation-post.md), with its `model_fn` returning batch means.
@@ -245,7 +247,7 @@ def test_samples_counted_right_for_per_task_and_per_sample_targets() -> None:
 def test_batches_moved_to_device_keep_their_structure() -> None:
     pair = namedtuple("pair", "a b")
     batch = {"x": [torch.ones(2), (torch.zeros(1), pair(torch.ones(1), 3))], "s": "keep"}
-    moved = loop._to_device(batch, torch.device("cpu"))
+    moved = to_device(batch, torch.device("cpu"))
     assert moved["s"] == "keep" and isinstance(moved["x"][1][1], pair) and moved["x"][1][1].b == 3
     assert moved["x"][0] is batch["x"][0]  # already there: not copied
 

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from lightning_validate.engine import ModeIndex
-from lightning_validate.findings import Finding
+from lightning_validate.findings import Finding, make_finding
+from lightning_validate.stages import RunningStage, hook_word
 
 __all__ = ["MetricTrack", "MetricTracker", "is_metric", "update_count"]
 
@@ -26,8 +27,8 @@ def is_metric(module: nn.Module) -> bool:
 
 
 def update_count(metric: nn.Module) -> int:
-    """The number of ``update`` calls since the metric's last reset (0 when it has no such counter)."""
-    count = getattr(metric, "_update_count", 0)
+    """The number of ``update`` calls since the metric's last reset (``Metric.update_count``)."""
+    count = getattr(metric, "update_count", 0)
     return count if isinstance(count, int) else 0
 
 
@@ -36,9 +37,9 @@ class MetricTrack:
     """Update counts of one torchmetrics object at segment and epoch boundaries."""
 
     opened_at: int = 0
-    open_stage: str | None = None
-    stages: set[str] = field(default_factory=set)
-    last_stage: str | None = None  # the stage that updated it last
+    open_stage: RunningStage | None = None
+    stages: set[RunningStage] = field(default_factory=set)
+    last_stage: RunningStage | None = None  # the stage that updated it last
     closed_at: int = 0  # update count when the last epoch that updated it ended
     moved_since_close: bool = False
 
@@ -48,11 +49,10 @@ class MetricTracker:
 
     Args:
         report: receives the findings as they are found (it may raise).
-        phase: maps an evaluation stage to the finding's phase (``validation`` -> ``sanity_check`` in the sanity
-            check).
+        phase: maps a stage to the finding's phase (``validate`` -> ``sanity_check`` in the sanity check).
     """
 
-    def __init__(self, report: Callable[[Sequence[Finding]], None], phase: Callable[[str], str]) -> None:
+    def __init__(self, report: Callable[[Sequence[Finding]], None], phase: Callable[[RunningStage], str]) -> None:
         self.report = report
         self.phase = phase
         self.tracks: dict[str, MetricTrack] = {}
@@ -74,22 +74,20 @@ class MetricTracker:
         for name in found:
             self.tracks.setdefault(name, MetricTrack())
 
-    def open(self, stage: str, epoch_start: bool = True) -> None:
+    def open(self, stage: RunningStage, epoch_start: bool = True) -> None:
         """Record update counts when a stage's batches start; at an epoch's start, a count carried over is LV402."""
         for name, metric in self.objects.items():
             track, count = self.tracks[name], update_count(metric)
             carried = count > 0 and count == track.closed_at and not track.moved_since_close
             if epoch_start and carried and track.last_stage == stage:
-                self.report([Finding(
-                    "LV402", name, self.phase(stage) if stage != "train" else "train",
-                    f"first {stage} batch", "the update count back at 0 (reset) at the start of each epoch",
-                    f"{count} updates carried over from the previous epoch",
-                    f"call `self.{name}.reset()` after `self.{name}.compute()` at the end of each epoch, or log the "
-                    f"object itself (`self.log('...', self.{name})`) so that Lightning resets it",
+                self.report([make_finding(
+                    "LV402", module=name, phase=self.phase(stage), boundary=f"first {hook_word(stage)} batch",
+                    expected="the update count back at 0 (reset) at the start of each epoch",
+                    seen=f"{count} updates carried over from the previous epoch", name=name,
                 )])
             track.opened_at, track.open_stage = count, stage
 
-    def close(self, stage: str, epoch_end: bool) -> None:
+    def close(self, stage: RunningStage, epoch_end: bool) -> None:
         """Note which stage updated each metric since it opened; one object updated in two stages is LV401."""
         for name, metric in self.objects.items():
             track, count = self.tracks[name], update_count(metric)
@@ -97,12 +95,10 @@ class MetricTracker:
                 track.stages.add(stage)
                 track.last_stage, track.moved_since_close = stage, True
                 if len(track.stages) > 1:
-                    stages = " and ".join(sorted(track.stages))
-                    self.report([Finding(
-                        "LV401", name, self.phase(stage) if stage != "train" else "train", f"end of {stage}",
-                        "one metric object per stage", f"the same object updated in {stages}",
-                        f"use one instance per stage: `self.train_{name} = metric.clone()`, `self.val_{name} = "
-                        "metric.clone()` (a `MetricCollection(...).clone(prefix='val_')` for collections)",
+                    stages = " and ".join(sorted(hook_word(s) for s in track.stages))
+                    self.report([make_finding(
+                        "LV401", module=name, phase=self.phase(stage), boundary=f"end of {hook_word(stage)}",
+                        expected="one metric object per stage", seen=f"the same object updated in {stages}", name=name,
                     )])
             track.open_stage = None
             if epoch_end and track.last_stage == stage:

@@ -13,12 +13,13 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
+from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from lightning_validate._metric_tracking import is_metric
-from lightning_validate.engine import display_name
-from lightning_validate.findings import Finding
+from lightning_validate.findings import Finding, display_name, make_finding
+from lightning_validate.mode_check.metric_tracking import is_metric
+from lightning_validate.stages import RunningStage, hook_word
 
 __all__ = ["ProbeCalls", "probe_findings", "record_first_calls", "remove_hooks"]
 
@@ -52,14 +53,14 @@ def remove_hooks(handles: list[RemovableHandle]) -> None:
         handle.remove()
 
 
-def probe_findings(calls: ProbeCalls, allowed: list[nn.Module], phase: str, stage: str) -> list[Finding]:
+def probe_findings(calls: ProbeCalls, allowed: list[nn.Module], phase: str, stage: RunningStage) -> list[Finding]:
     """Run each recorded call twice; differing outputs mean randomness in eval mode.
 
     Args:
         calls: the calls recorded by ``record_first_calls``.
         allowed: the modules allowed in train mode (``allow_train_mode``); their randomness is replayed.
         phase: the finding's phase.
-        stage: the evaluation stage (``validation``, ``test``, ``predict``).
+        stage: the evaluation stage, whose batch-end hook the finding names.
 
     Returns:
         One LV103 finding per direct child whose outputs differ, or for the model itself when no child's do.
@@ -75,35 +76,21 @@ def probe_findings(calls: ProbeCalls, allowed: list[nn.Module], phase: str, stag
             if diff is not None:
                 differing.append((name, diff))
     children = [(n, d) for n, d in differing if n]
-    return [Finding(
-        "LV103", display_name(name), phase, f"on_{stage}_batch_end (probe)",
-        "the same output for the same batch run twice in eval mode", f"outputs differ ({diff})",
-        "make randomness follow the mode: `F.dropout(x, p, training=self.training)` or an `nn.Dropout` module "
-        "instead of `training=True`; if the randomness is intended (MC dropout, sampling), allow the module: "
-        f"`allow_train_mode=[{display_name(name)!r}]`, or `ignore=['LV103']`",
+    return [make_finding(
+        "LV103", module=display_name(name), phase=phase, boundary=f"on_{hook_word(stage)}_batch_end (probe)",
+        expected="the same output for the same batch run twice in eval mode", seen=f"outputs differ ({diff})",
     ) for name, diff in (children or differing)]
 
 
 def _detach_clone(value: Any) -> Any:
     """Copy tensors in nested inputs so that an in-place change by the step does not change the probe's input."""
-    if isinstance(value, Tensor):
-        return value.detach().clone()
-    if isinstance(value, dict):
-        return {k: _detach_clone(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        items = [_detach_clone(v) for v in value]
-        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
-    return value
+    return apply_to_collection(value, Tensor, lambda t: t.detach().clone())
 
 
 def _tensors(value: Any) -> list[Tensor]:
-    if isinstance(value, Tensor):
-        return [value]
-    if isinstance(value, dict):
-        return [t for v in value.values() for t in _tensors(v)]
-    if isinstance(value, (list, tuple)):
-        return [t for v in value for t in _tensors(v)]
-    return []
+    found: list[Tensor] = []
+    apply_to_collection(value, Tensor, found.append)
+    return found
 
 
 def _difference(a: Any, b: Any) -> str | None:

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_validate import ModeCheck, ModeCheckError, ModeCheckWarning
-from lightning_validate import mode_check as mode_check_module
+from lightning_validate.mode_check import callback as mode_check_module
 
 # Lightning warns once at train start when modules are in eval mode; frozen backbones do that on purpose.
 EVAL_AT_START = "ignore:Found .* module\\(s\\) in eval mode:UserWarning"
@@ -111,12 +111,12 @@ def test_all_argument_errors_in_one_message(tmp_path: Any) -> None:
 # Clean runs: every stage, and the legitimate patterns
 
 
-def test_clean_model_every_stage(capsys: pytest.CaptureFixture[str], tmp_path: Any) -> None:
+def test_clean_model_every_stage(caplog: pytest.LogCaptureFixture, tmp_path: Any) -> None:
     model, check = Net(), ModeCheck(on_violation="raise", probe=True, report_path=tmp_path / "r.json")
     t = trainer(check)
     t.fit(model, loader(), loader(16, seed=1))
     assert check.findings == []
-    out = capsys.readouterr().out
+    out = caplog.text
     assert "ModeCheck (fit):" in out and "boundaries checked, no findings." in out
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["stage"] == "fit" and report["findings"] == [] and report["status"] == "finished"
@@ -127,7 +127,7 @@ def test_clean_model_every_stage(capsys: pytest.CaptureFixture[str], tmp_path: A
     t.test(model, loader(16, seed=1))
     t.predict(model, loader(16, seed=1))
     assert check.findings == []
-    assert capsys.readouterr().out.count("no findings.") == 3
+    assert caplog.text.count("no findings.") == 4
     assert "on_validation_model_eval" not in model.__dict__  # the wrappers are gone after each run
 
 
@@ -394,7 +394,7 @@ def test_metric_shared_by_train_and_validation() -> None:
             self.acc(self(x), y)
             self.log("val_acc", self.acc)
 
-    raises(Buggy(), r"LV401 metric object updated in two stages: `acc` at validation/end of validation: .*updated in "
+    raises(Buggy(), r"LV401 metric object updated in two stages: `acc` at validate/end of validation: .*updated in "
                     r"train and validation.*Fix: use one instance per stage", num_sanity_val_steps=0)
 
 
@@ -411,7 +411,7 @@ def test_metric_never_reset() -> None:
         def on_validation_epoch_end(self) -> None:
             self.log("val_acc", self.val_acc.compute())  # never reset: each epoch also counts the earlier ones
 
-    raises(Buggy(), r"LV402 metric object not reset between epochs: `val_acc` at validation/first validation batch: "
+    raises(Buggy(), r"LV402 metric object not reset between epochs: `val_acc` at validate/first validation batch: "
                     r".*2 updates carried over.*Fix: call `self.val_acc.reset\(\)`",
            num_sanity_val_steps=0, max_epochs=2)
 
@@ -454,7 +454,7 @@ def test_probe_finds_hard_coded_dropout() -> None:
 
 
 @pytest.mark.filterwarnings(EVAL_AT_START)
-def test_warn_mode_warns_once_per_distinct_finding(capsys: pytest.CaptureFixture[str], tmp_path: Any) -> None:
+def test_warn_mode_warns_once_per_distinct_finding(caplog: pytest.LogCaptureFixture, tmp_path: Any) -> None:
     class Buggy(Net):
         def on_validation_model_train(self) -> None:
             self.train()
@@ -464,7 +464,7 @@ def test_warn_mode_warns_once_per_distinct_finding(capsys: pytest.CaptureFixture
         fit(Buggy(frozen_backbone=True), check, max_epochs=2)
     assert len([w for w in record if issubclass(w.category, ModeCheckWarning)]) == 1
     assert [f.code for f in check.findings] == ["LV205"]
-    out = capsys.readouterr().out
+    out = caplog.text
     assert "ModeCheck (fit):" in out and "1 distinct finding:" in out
     # Seen once: from then on the backbone is in train mode before each validation too (the damage is done).
     assert "LV205  submodule mode not restored after evaluation     1  backbone" in out
@@ -535,7 +535,7 @@ def test_hooks_called_directly() -> None:
     with torch.no_grad():
         check.on_validation_batch_start(t, model, None, 0)
         model.head[0].train()
-        with pytest.raises(ModeCheckError, match=r"LV101 .*`head.0` at validation/on_validation_batch_end"):
+        with pytest.raises(ModeCheckError, match=r"LV101 .*`head.0` at validate/on_validation_batch_end"):
             check.on_validation_batch_end(t, model, None, None, 0)
     check.on_exception(t, model, RuntimeError())
     assert check.summary().startswith("ModeCheck (validate): 4 boundaries checked, 1 distinct finding:")
@@ -561,11 +561,11 @@ class ClampsInValidation(Net):
             p.data.clamp_(-0.01, 0.01)
 
 
-def test_findings_accumulate_across_runs(capsys: pytest.CaptureFixture[str]) -> None:
+def test_findings_accumulate_across_runs(caplog: pytest.LogCaptureFixture) -> None:
     model, check = ClampsInValidation(), ModeCheck()
     t = trainer(check)
     with pytest.warns(ModeCheckWarning, match=r"LV201 parameter changed by evaluation: `.*` at "
-                                              r"(sanity_check|validation)/on_validation_end: .*Fix: do not write "
+                                              r"(sanity_check|validate)/on_validation_end: .*Fix: do not write "
                                               r"parameters during evaluation"):
         t.fit(model, loader(), loader(16, seed=1))
     after_fit = list(check.findings)
@@ -577,5 +577,4 @@ def test_findings_accumulate_across_runs(capsys: pytest.CaptureFixture[str]) -> 
         t.validate(model, loader(16, seed=1), verbose=False)
     assert check.findings[: len(after_fit)] == after_fit  # fit's findings are kept after validate()
     assert len(check.findings) > len(after_fit)
-    out = capsys.readouterr().out
-    assert "LV201" in out.split("ModeCheck (validate):")[1]  # the summary covers the latest run
+    assert "LV201" in caplog.text.split("ModeCheck (validate):")[1]  # the summary covers the latest run

@@ -321,7 +321,7 @@ def test_tqdm_bar_shows_running_values_throttled(digits, monkeypatch):
     x, y = digits
     reads = []
 
-    import lightning_validate.mixin as mixin_module
+    import lightning_validate.mixin.mixin as mixin_module
 
     original = mixin_module._show_running
 

@@ -8,19 +8,13 @@ from torch.utils.data import DataLoader, DistributedSampler, SequentialSampler
 from torchmetrics import MeanMetric, MetricCollection, SumMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
-from lightning_validate.metrics import (
-    _FOLD_EVERY,
-    FastMulticlassAccuracy,
-    LossAccumulator,
-    PaddingFilter,
-    TargetRange,
-    batch_size_of,
-    check_metrics,
-    default_metrics,
-    local_value,
-    real_samples,
-    take_first,
-)
+from lightning_validate.metrics.accumulators import FOLD_EVERY as _FOLD_EVERY
+from lightning_validate.metrics.accumulators import LossAccumulator, TargetRange
+from lightning_validate.metrics.batches import batch_size_of
+from lightning_validate.metrics.checks import check_metrics
+from lightning_validate.metrics.fast_accuracy import FastMulticlassAccuracy, default_metrics
+from lightning_validate.metrics.padding import PaddingFilter, real_samples, take_first
+from lightning_validate.metrics.states import local_value
 
 
 def test_loss_accumulator_is_the_per_sample_mean_across_folds():

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from lightning_validate import ValidationMixin
-from lightning_validate.metrics import FastMulticlassAccuracy
+from lightning_validate.metrics.fast_accuracy import FastMulticlassAccuracy
 
 BATCH = 64
 WORLD = 2

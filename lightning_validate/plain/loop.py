@@ -1,10 +1,11 @@
-"""``validate()``: the seed's validation loop for plain PyTorch, done right.
+"""``validate()``: the usual hand-written validation loop for plain PyTorch, done right.
 
-The seed's ``valid()`` averages batch means (wrong whenever the last batch is smaller), advances its bar by
-``dataloader.batch_size`` (overshooting on the last batch), calls ``.item()`` twice per batch (two host-device
-synchronizations per batch on a GPU), calls ``model.train()`` at the end (un-freezing every submodule that was in
-eval on purpose) and leaves the model in eval mode when a batch raises. ``validate()`` keeps its shape (a tqdm bar
-"Valid" with running values) and fixes all five:
+The usual hand-written loop (``model.eval()``, ``torch.no_grad()``, a tqdm bar with running loss and accuracy, then
+``model.train()``; shown in ``docs/rules.md``) averages batch means (wrong whenever the last batch is smaller),
+advances its bar by ``dataloader.batch_size`` (overshooting on the last batch), calls ``.item()`` twice per batch
+(two host-device synchronizations per batch on a GPU), calls ``model.train()`` at the end (un-freezing every
+submodule that was in eval on purpose) and leaves the model in eval mode when a batch raises. ``validate()`` keeps
+its shape (a tqdm bar "Valid" with running values) and fixes all five:
 
 - the loss is the exact per-sample mean: ``sum(loss * batch_size) / number of samples``, summed on the device;
 - metrics are torchmetrics objects, which accumulate exact epoch statistics;
@@ -37,8 +38,11 @@ from torch import Tensor, nn
 from torchmetrics import Metric, MetricCollection
 from tqdm.auto import tqdm  # type: ignore[import-untyped]
 
-from lightning_validate.evaluating import evaluating
-from lightning_validate.metrics import batch_size_of, check_metric_dict, describe, sum_dtype, unpack_example
+from lightning_validate.metrics.accumulators import sum_dtype
+from lightning_validate.metrics.batches import batch_size_of, describe, to_device, unpack_example
+from lightning_validate.metrics.checks import check_metric_dict
+from lightning_validate.metrics.states import restore_states, save_states
+from lightning_validate.plain.context import evaluating
 from lightning_validate.progress import DEFAULT_INTERVAL, Throttle, format_postfix
 
 __all__ = ["validate"]
@@ -48,10 +52,6 @@ Step = Callable[[Any, nn.Module], Sequence[Any]]
 
 #: Seconds between two reads of the running values for the bar (each read is one host-device synchronization).
 _REFRESH_INTERVAL = DEFAULT_INTERVAL
-
-#: torchmetrics bookkeeping restored, with the states, when ``validate()`` raises.
-_METRIC_META = ("_update_count", "_computed", "_forward_cache", "_cache", "_is_synced")
-
 
 def validate(
     model: nn.Module,
@@ -151,7 +151,7 @@ def validate(
     roots: list[Metric | MetricCollection] = [collection] if collection is not None else [m for _, m in metric_list]
     for root in roots:
         root.to(target_device)
-    saved = _save_states(roots)
+    saved = save_states(roots)
     named: list[tuple[str | None, Any]] = [(None, collection)] if collection is not None else list(metric_list)
     bar = None
     try:
@@ -166,7 +166,7 @@ def validate(
             bar.set_postfix(format_postfix(values), refresh=False)
         return values
     except BaseException:
-        _restore_states(saved)
+        restore_states(saved)
         raise
     finally:
         if bar is not None:
@@ -195,7 +195,7 @@ def _run(
     loss_sum: Tensor | None = None
     seen = 0
     for batch in dataloader:
-        batch = _to_device(batch, device)
+        batch = to_device(batch, device)
         if step is None:
             inputs, target = _unpack(batch)
             outputs = model(inputs)
@@ -274,19 +274,6 @@ def _num_samples(dataloader: object) -> int | None:
 
 # --------------------------------------------------------------------------------------------------------------
 # Batches
-
-
-def _to_device(obj: Any, device: torch.device) -> Any:
-    if isinstance(obj, Tensor):
-        return obj if obj.device == device else obj.to(device, non_blocking=True)
-    if isinstance(obj, (list, tuple)):
-        moved = [_to_device(x, device) for x in obj]
-        if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # a namedtuple
-            return type(obj)(*moved)
-        return type(obj)(moved) if type(obj) in (list, tuple) else moved
-    if isinstance(obj, Mapping):
-        return {k: _to_device(v, device) for k, v in obj.items()}
-    return obj
 
 
 def _unpack(batch: Any) -> tuple[Any, Any]:
@@ -384,36 +371,3 @@ def _to_host(values: dict[str, Tensor | float]) -> dict[str, float]:
         stacked = torch.stack([values[n].detach().reshape(()).to(dtype) for n in names])  # type: ignore[union-attr]
         out.update(zip(names, stacked.tolist(), strict=True))
     return {k: out[k] for k in values}
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Metric states
-
-
-def _save_states(roots: list[Metric | MetricCollection]) -> list[tuple[Metric, dict[str, Any]]]:
-    """Record what ``reset()`` and ``update()`` replace, to put it back when ``validate()`` raises.
-
-    ``reset()`` assigns fresh tensors (so saved tensor references stay untouched) but clears list states in place
-    (so lists are copied).
-    """
-    saved: list[tuple[Metric, dict[str, Any]]] = []
-    seen: set[int] = set()
-    for root in roots:
-        for m in root.modules():
-            if isinstance(m, Metric) and id(m) not in seen:
-                seen.add(id(m))
-                state = {k: list(v) if isinstance(v, list) else v for k, v in m.metric_state.items()}
-                state.update({k: getattr(m, k) for k in _METRIC_META if hasattr(m, k)})
-                saved.append((m, state))
-    return saved
-
-
-def _restore_states(saved: list[tuple[Metric, dict[str, Any]]]) -> None:
-    for metric, state in saved:
-        for name, value in state.items():
-            current = getattr(metric, name, None)
-            if isinstance(value, list) and isinstance(current, list):
-                current[:] = value  # keep the list object: a MetricCollection's compute group may share it
-            else:
-                setattr(metric, name, value)
-

@@ -44,23 +44,19 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 from typing_extensions import override
 
-from lightning_validate.metrics import (
-    LossAccumulator,
-    PaddingFilter,
-    TargetRange,
-    batch_size_of,
-    check_metrics,
-    default_metrics,
-    describe,
-    local_value,
-    real_samples,
-    take_first,
-    unpack_example,
-)
+from lightning_validate.findings import Policy
+from lightning_validate.metrics.accumulators import LossAccumulator, TargetRange
+from lightning_validate.metrics.batches import batch_size_of, describe, unpack_example
+from lightning_validate.metrics.checks import check_metrics
+from lightning_validate.metrics.fast_accuracy import default_metrics
+from lightning_validate.metrics.padding import PaddingFilter, real_samples, take_first
+from lightning_validate.metrics.states import local_value
 from lightning_validate.progress import DEFAULT_INTERVAL, Throttle, format_postfix
+from lightning_validate.stages import TrainerFn, hook_word, log_stage
 
 __all__ = ["ValidationMixin"]
 
+#: The stages whose values the mixin logs, named by their log prefix (Lightning's ``RunningStage.dataloader_prefix``).
 Stage = Literal["train", "val", "test"]
 
 # The mixin sits before LightningModule in the user's bases. Type checkers see LightningModule's attributes
@@ -74,8 +70,15 @@ else:
 #: The metric objects made by the default ``configure_metrics`` (whose input shapes the mixin checks itself).
 _DEFAULTS: weakref.WeakSet[Metric] = weakref.WeakSet()
 
-_HOOK_STAGE = {"train": "train", "val": "validation", "test": "test"}
-_SETUP_STAGES: dict[str, tuple[Stage, ...]] = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}
+_SETUP_STAGES: dict[str, tuple[Stage, ...]] = {
+    TrainerFn.FITTING.value: ("train", "val"), TrainerFn.VALIDATING.value: ("val",), TrainerFn.TESTING.value: ("test",)
+}
+
+
+def _hook(stage: str) -> str:
+    """The word of ``stage``'s hooks: ``"val"`` -> ``"validation"``."""
+    running = log_stage(stage)
+    return hook_word(running) if running is not None else stage
 
 
 @dataclass
@@ -361,7 +364,7 @@ class ValidationMixin(_Base):
                     f"Expected attribute `criterion` to be callable (e.g. `nn.CrossEntropyLoss()`) but got "
                     f"{criterion!r}."
                 )
-        if self.on_bad_values not in ("warn", "raise"):
+        if Policy.parse(self.on_bad_values) is None:
             raise ValueError(
                 f"Expected attribute `on_bad_values` to be 'warn' or 'raise' but got {self.on_bad_values!r}."
             )
@@ -431,8 +434,8 @@ class ValidationMixin(_Base):
         self._lv_configure()
         if stage in state.epochs:
             rank_zero_warn(
-                f"The previous {_HOOK_STAGE[stage]} epoch was never logged: if you override "
-                f"`on_{_HOOK_STAGE[stage]}_epoch_end`, call `super().on_{_HOOK_STAGE[stage]}_epoch_end()` in it.",
+                f"The previous {_hook(stage)} epoch was never logged: if you override "
+                f"`on_{_hook(stage)}_epoch_end`, call `super().on_{_hook(stage)}_epoch_end()` in it.",
                 category=UserWarning,
             )
         loaders = [None] if stage == "train" else self._lv_eval_loaders(stage)
@@ -544,9 +547,10 @@ class ValidationMixin(_Base):
                 tensors.append(value.detach().reshape(()).to(device=device, dtype=torch.float64))
         if problems:
             message = "; ".join(problems) + "."
-            if self.on_bad_values == "raise":
-                raise ValueError(message)
-            rank_zero_warn(message + " Set `on_bad_values = 'raise'` to stop instead.", category=UserWarning)
+            policy = Policy.parse(self.on_bad_values)
+            assert policy is not None  # checked when the metrics were configured
+            policy.apply(message, error=ValueError, warn=lambda text: rank_zero_warn(
+                text + " Set `on_bad_values = 'raise'` to stop instead.", category=UserWarning))
         if tensors:
             values.update(zip(keys, torch.stack(tensors).tolist(), strict=True))
         with torch.inference_mode(False):
@@ -665,8 +669,8 @@ def _not_scalar(key: str, metric: Metric, value: object) -> str:
 
 
 def _outside_epoch(stage: str, dataloader_idx: int, open_: bool) -> str:
-    hook = _HOOK_STAGE.get(stage, stage)
-    if stage not in _HOOK_STAGE:
+    hook = _hook(stage)
+    if log_stage(stage) is None:
         return f"Expected argument `stage` to be 'train', 'val' or 'test' but got {stage!r}."
     if open_:
         return (

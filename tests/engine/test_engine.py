@@ -11,19 +11,20 @@ import torch
 from torch import nn
 
 from lightning_validate.engine import (
+    Globs,
     ModeIndex,
-    _fingerprint_rows,
-    _per_tensor_rows,
-    _stacked_rows,
     check_eval_state,
     check_train_state,
     compare,
-    display_name,
-    matches_any,
     take_snapshot,
     unwrap,
 )
-from lightning_validate.findings import Finding
+from lightning_validate.engine.fingerprint import _fingerprint_rows, _per_tensor_rows, _stacked_rows
+from lightning_validate.findings import Finding, display_name
+
+
+def matches_any(name: str, patterns: list[str]) -> bool:
+    return Globs.parse("patterns", patterns).covers(name)
 
 
 def _net() -> nn.Module:
@@ -42,7 +43,7 @@ def _codes(findings: list[Finding]) -> list[tuple[str, str]]:
 def _diff(model: nn.Module, change: object, **kwargs: object) -> list[Finding]:
     before = take_snapshot(model)
     change(model)  # type: ignore[operator]
-    return compare(before, take_snapshot(model), phase="validation", **kwargs)  # type: ignore[arg-type]
+    return compare(before, take_snapshot(model), phase="validate", **kwargs)  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -118,7 +119,7 @@ def test_data_writes_are_caught_although_the_version_counter_misses_them(change:
     assert model.backbone[0].weight._version == version, "a `.data` write bumped the version counter"
     assert _codes(findings) == [("LV201", "backbone.0.weight")], name
     assert findings[0].seen.startswith("changed (sum ")
-    assert "LV201 parameter changed by evaluation: `backbone.0.weight` at validation/end: expected unchanged values, " \
+    assert "LV201 parameter changed by evaluation: `backbone.0.weight` at validate/end: expected unchanged values, " \
            "saw changed (sum " in findings[0].message
     assert "Fix: do not write parameters during evaluation (`p.data.clamp_()`" in findings[0].message
 
@@ -146,7 +147,7 @@ def test_batchnorm_running_stats_updated_in_train_mode_are_caught() -> None:
     assert (bn.running_mean._version, bn.running_var._version) == versions
     assert _codes(findings) == [("LV202", "backbone.1")]
     assert findings[0].message == (
-        "LV202 buffer changed by evaluation: `backbone.1` at validation/end: expected unchanged values, saw 3 buffers "
+        "LV202 buffer changed by evaluation: `backbone.1` at validate/end: expected unchanged values, saw 3 buffers "
         "changed. Fix: a submodule ran in train mode during evaluation and updated its buffers (BatchNorm running "
         "statistics): keep it in eval mode (`model.backbone[1].eval()`), or restore the buffers after computing the "
         "loss"
@@ -173,7 +174,7 @@ def test_grad_set_cleared_and_changed() -> None:
     changed = _diff(model, lambda m: m[0].weight.grad.add_(1.0))
     assert [(f.code, f.module, f.seen) for f in changed] == [("LV204", "0.weight", ".grad values changed")]
     assert changed[0].message == (
-        "LV204 .grad changed by evaluation: `0.weight` at validation/end: expected .grad unchanged, saw .grad values "
+        "LV204 .grad changed by evaluation: `0.weight` at validate/end: expected .grad unchanged, saw .grad values "
         "changed. Fix: do not call `loss.backward()` during evaluation; for input gradients use "
         "`torch.autograd.grad(output.sum(), inputs)`, which leaves `.grad` untouched"
     )
@@ -186,7 +187,7 @@ def test_grads_not_recorded_are_not_compared() -> None:
     model = nn.Linear(3, 1)
     before = take_snapshot(model, grads=False)
     model(torch.randn(2, 3)).sum().backward()
-    assert compare(before, take_snapshot(model, grads=False), phase="validation") == []
+    assert compare(before, take_snapshot(model, grads=False), phase="validate") == []
 
 
 def test_ema_swap_in_and_back_is_not_a_change() -> None:
@@ -198,10 +199,10 @@ def test_ema_swap_in_and_back_is_not_a_change() -> None:
     saved = [p.data.clone() for p in model.parameters()]
     for p, e in zip(model.parameters(), ema.parameters(), strict=True):
         p.data.copy_(e.data)  # EMAWeightAveraging swaps the averaged weights in for validation...
-    assert {f.code for f in compare(before, take_snapshot(model), phase="validation")} == {"LV201"}
+    assert {f.code for f in compare(before, take_snapshot(model), phase="validate")} == {"LV201"}
     for p, s in zip(model.parameters(), saved, strict=True):
         p.data.copy_(s)  # ...and back at the end
-    assert compare(before, take_snapshot(model), phase="validation") == []
+    assert compare(before, take_snapshot(model), phase="validate") == []
 
 
 def test_nan_parameters_left_unchanged_are_not_a_change() -> None:
@@ -279,9 +280,9 @@ def test_compare_copies_to_the_host_once_per_device(monkeypatch: pytest.MonkeyPa
         return original(self, *args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(torch.Tensor, "cpu", counting)
-    assert _codes(compare(before, after, phase="validation")) == [("LV201", "backbone.0.weight")]
+    assert _codes(compare(before, after, phase="validate")) == [("LV201", "backbone.0.weight")]
     assert len(calls) == 1, calls  # both snapshots' fingerprints in one copy
-    compare(before, after, phase="validation")
+    compare(before, after, phase="validate")
     assert len(calls) == 1  # already on the host: no further copy
 
 
@@ -294,7 +295,7 @@ def _assert_same_as_bare(wrapped: nn.Module, bare: nn.Module) -> None:
     ws, bs = take_snapshot(wrapped), take_snapshot(bare)
     assert ws.modes == bs.modes and ws.requires_grad == bs.requires_grad
     assert ws.fingerprints() == bs.fingerprints()
-    assert compare(bs, ws, phase="validation") == [] == compare(ws, bs, phase="validation")
+    assert compare(bs, ws, phase="validate") == [] == compare(ws, bs, phase="validate")
     names = [*ws.modes, *ws.requires_grad, *(n for _, n in ws.fingerprints())]
     assert not [n for n in names if "_orig_mod" in n or n.startswith(("module.", "_forward_module"))]
     assert sorted(ModeIndex(wrapped).names) == sorted(bs.modes)
@@ -312,9 +313,9 @@ def test_a_compiled_submodule_keeps_its_user_facing_name() -> None:
     snap = take_snapshot(model)
     assert snap.modes == plain.modes
     assert snap.types["backbone"] == "Sequential"
-    assert compare(plain, snap, phase="validation") == []
+    assert compare(plain, snap, phase="validate") == []
     model.backbone.eval()
-    assert _codes(check_eval_state(model, phase="validation", boundary="start", allow_grad=True)) == [
+    assert _codes(check_eval_state(model, phase="validate", boundary="start", allow_grad=True)) == [
         ("LV101", "<model>"), ("LV101", "head")]
 
 
@@ -370,7 +371,7 @@ def test_modules_added_or_removed_are_reported_not_a_crash() -> None:
     assert [(f.code, f.module, f.seen, f.detail) for f in added] == [
         ("LV206", "head.2", "added head.2 (Sequential)", "covers 3 submodules")]
     assert added[0].message == (
-        "LV206 submodules added or removed by evaluation: `head.2` at validation/end: expected the same submodules, "
+        "LV206 submodules added or removed by evaluation: `head.2` at validate/end: expected the same submodules, "
         "saw added head.2 (Sequential) (covers 3 submodules). Fix: do not add or remove submodules during "
         "evaluation; create them in `__init__` or `setup()`"
     )
@@ -390,12 +391,12 @@ def test_lazy_modules_and_meta_tensors_do_not_crash() -> None:
         lazy.eval()(torch.randn(2, 5))  # materializes the lazy parameters
     after = take_snapshot(lazy)
     assert ("param", "0.weight") in after.fingerprints()
-    assert _codes(compare(before, after, phase="validation")) == [("LV205", "<model>")]
+    assert _codes(compare(before, after, phase="validate")) == [("LV205", "<model>")]
 
     meta = nn.Sequential(nn.Linear(2, 2, device="meta"), nn.BatchNorm1d(2, device="meta"))
     snap = take_snapshot(meta)
     assert snap.fingerprints() == {}
-    assert compare(snap, take_snapshot(meta), phase="validation") == []
+    assert compare(snap, take_snapshot(meta), phase="validate") == []
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -414,7 +415,7 @@ def test_a_backbone_unfrozen_by_model_train_is_one_finding() -> None:
     findings = _diff(_backbone_of_bns(12), lambda m: m.train())
     assert [(f.code, f.module, f.detail) for f in findings] == [("LV205", "backbone", "covers 13 submodules")]
     assert findings[0].message == (
-        "LV205 submodule mode not restored after evaluation: `backbone` at validation/end: expected eval mode as "
+        "LV205 submodule mode not restored after evaluation: `backbone` at validate/end: expected eval mode as "
         "before evaluation, saw backbone (Sequential) in train mode (covers 13 submodules). Fix: restore each "
         "submodule's own mode instead of calling `model.train()`: `with lightning_validate.evaluating(model): ...`, "
         "or in Lightning remove the `on_validation_model_train` override (Lightning >= 2.2 restores every "
@@ -450,13 +451,13 @@ def test_allowlisted_modes_may_change_with_globs() -> None:
 
 def test_pattern_arguments_must_be_lists() -> None:
     snap = take_snapshot(_net())
-    with pytest.raises(TypeError, match=r"Expected argument `allow_train_mode` to be a list of glob patterns but "
-                                        r"got 'head.0': `allow_train_mode=\['head.0'\]`"):
-        compare(snap, snap, phase="validation", allow_train_mode="head.0")
-    with pytest.raises(TypeError, match=r"Expected argument `allow_train_mode` to be a list of glob patterns \(str\) "
+    with pytest.raises(TypeError, match=r"Expected `allow_train_mode` to be a list of names or glob patterns but got "
+                                        r"the string 'head.0': write `allow_train_mode=\['head.0'\]`."):
+        compare(snap, snap, phase="validate", allow_train_mode="head.0")
+    with pytest.raises(TypeError, match=r"Expected `allow_train_mode` to be a list of names or glob patterns \(str\) "
                                         r"but got \[1\]"):
         ModeIndex(_net(), allow_train_mode=[1])  # type: ignore[list-item]
-    with pytest.raises(TypeError, match=r"Expected argument `allow_eval_mode` to be a list of glob patterns"):
+    with pytest.raises(TypeError, match=r"Expected `allow_eval_mode` to be a list of names or glob patterns"):
         check_train_state(_net().eval(), boundary="start", allow_eval_mode="backbone")
 
 
@@ -475,25 +476,25 @@ def test_matches_any_and_display_name() -> None:
 
 def test_check_eval_state_reports_train_mode_and_grad() -> None:
     model = _net()
-    findings = check_eval_state(model, phase="validation", boundary="on_validation_batch_start")
+    findings = check_eval_state(model, phase="validate", boundary="on_validation_batch_start")
     assert [(f.code, f.module, f.detail) for f in findings] == [("LV101", "<model>", "covers 8 submodules"),
                                                                ("LV102", "grad mode", "")]
     assert findings[0].message == (
-        "LV101 submodule in train mode during evaluation: `<model>` at validation/on_validation_batch_start: "
+        "LV101 submodule in train mode during evaluation: `<model>` at validate/on_validation_batch_start: "
         "expected eval mode, saw <model> (Module) in train mode (covers 8 submodules). Fix: call `model.eval()` "
         "before evaluating (Lightning does it unless `on_validation_model_eval` is overridden); if `<model>` must "
         "stay in train mode on purpose, allow it: `allow_train_mode=['<model>']`"
     )
     assert findings[1].message == (
-        "LV102 grad enabled during evaluation: `grad mode` at validation/on_validation_batch_start: expected grad "
+        "LV102 grad enabled during evaluation: `grad mode` at validate/on_validation_batch_start: expected grad "
         "disabled (`torch.no_grad()` or `torch.inference_mode()`), saw grad enabled. Fix: remove "
         "`torch.set_grad_enabled(True)` from evaluation code; for input gradients use a local "
         "`with torch.enable_grad():` block inside the step"
     )
     model.eval()
     with torch.no_grad():
-        assert check_eval_state(model, phase="validation", boundary="start") == []
-    assert check_eval_state(model, phase="validation", boundary="start", allow_grad=True) == []
+        assert check_eval_state(model, phase="validate", boundary="start") == []
+    assert check_eval_state(model, phase="validate", boundary="start", allow_grad=True) == []
 
 
 def test_check_eval_state_with_an_index_and_an_allowlist() -> None:
@@ -504,7 +505,7 @@ def test_check_eval_state_with_an_index_and_an_allowlist() -> None:
     assert not index.any_in_train_mode() and index.in_train_mode() == []
     model.backbone[1].train()
     assert index.any_in_train_mode() and index.in_train_mode() == ["backbone.1"]
-    findings = check_eval_state(index, phase="validation", boundary="start", allow_grad=True)
+    findings = check_eval_state(index, phase="validate", boundary="start", allow_grad=True)
     assert [(f.code, f.module, f.seen) for f in findings] == [
         ("LV101", "backbone.1", "backbone.1 (BatchNorm1d) in train mode")]
     assert findings[0].fix.endswith("allow it: `allow_train_mode=['backbone.1']`")
@@ -524,7 +525,7 @@ class _Stubborn(nn.Module):
 def test_a_train_override_that_ignores_mode_is_pointed_out() -> None:
     model = nn.Sequential(nn.Linear(2, 2), _Stubborn()).eval()
     assert model[1].training
-    findings = check_eval_state(model, phase="validation", boundary="start", allow_grad=True)
+    findings = check_eval_state(model, phase="validate", boundary="start", allow_grad=True)
     assert [(f.code, f.module) for f in findings] == [("LV101", "1")]
     assert findings[0].seen == (
         "1 (_Stubborn) in train mode (its class overrides `train()`: check that it honors `mode`)")

@@ -1,0 +1,107 @@
+"""Snapshots: the state of a module at one moment (modes, grad mode, ``requires_grad``, content fingerprints).
+
+Example:
+    >>> import torch
+    >>> s = take_snapshot(torch.nn.Sequential(torch.nn.Linear(1, 1)).eval())
+    >>> s.modes, s.grad_enabled
+    ({'': False, '0': False}, True)
+
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from lightning_validate.engine.fingerprint import Fingerprint
+from lightning_validate.engine.names import unwrap, walk
+from lightning_validate.findings import display_name
+
+__all__ = ["Snapshot", "take_snapshot"]
+
+
+@dataclass(eq=False)
+class Snapshot:
+    """The state of a module at one moment, for ``compare``. Build it with ``take_snapshot``.
+
+    Attributes:
+        modes: qualified submodule name -> ``training`` flag (the root is ``""``).
+        types: qualified submodule name -> class name, for messages.
+        grad_enabled: ``torch.is_grad_enabled()`` when taken.
+        inference_mode: ``torch.is_inference_mode_enabled()`` when taken.
+        requires_grad: parameter name -> ``requires_grad``.
+        has_grad: parameter name -> whether ``.grad`` was set (``None`` when grads were not recorded).
+
+    """
+
+    modes: dict[str, bool]
+    types: dict[str, str]
+    grad_enabled: bool
+    inference_mode: bool
+    requires_grad: dict[str, bool]
+    has_grad: dict[str, bool] | None
+    _fingerprint: Fingerprint | None = None
+
+    @property
+    def has_content(self) -> bool:
+        """Whether parameter, buffer and grad contents were fingerprinted."""
+        return self._fingerprint is not None
+
+    def fingerprints(self) -> dict[tuple[str, str], tuple[float, float]]:
+        """``(kind, name) -> (sum, norm)`` for every fingerprinted tensor; synchronizes once per device."""
+        return self._fingerprint.values() if self._fingerprint is not None else {}
+
+    def describe(self, name: str) -> str:
+        """``"backbone.bn1 (BatchNorm2d)"``: a submodule's display name with its class."""
+        cls = self.types.get(name)
+        return f"{display_name(name)} ({cls})" if cls else display_name(name)
+
+
+def take_snapshot(model: nn.Module, *, content: bool = True, grads: bool = True) -> Snapshot:
+    """Record a module's modes, grad mode, ``requires_grad`` flags and (optionally) content fingerprints.
+
+    Wrappers (``torch.compile``, DDP, Lightning's strategy wrappers) are looked through, and wrapper segments are
+    removed from names, so snapshots of the wrapped and the bare model compare equal.
+
+    Args:
+        model: the module to record.
+        content: fingerprint parameters and buffers (and ``.grad`` when ``grads``). Without it only flags are kept.
+        grads: record which parameters have ``.grad`` and, with ``content``, fingerprint the grads.
+
+    Returns:
+        The snapshot. Taking it never synchronizes with a GPU.
+
+    Example:
+        >>> s = take_snapshot(torch.nn.Sequential(torch.nn.Linear(1, 1)).eval())
+        >>> s.modes, s.requires_grad
+        ({'': False, '0': False}, {'0.weight': True, '0.bias': True})
+
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"Expected argument `model` to be a torch.nn.Module but got {type(model).__name__}: "
+            "`take_snapshot(model)` with the model itself."
+        )
+    modules, params, buffers = walk(unwrap(model))
+    modes = {n: bool(m.training) for n, m in modules.items()}
+    types = {n: type(m).__name__ for n, m in modules.items()}
+    requires_grad = {n: bool(p.requires_grad) for n, p in params}
+    has_grad = {n: p.grad is not None for n, p in params} if grads else None
+    fp = None
+    if content:
+        named: list[tuple[str, str, Tensor]] = [("param", n, p) for n, p in params]
+        named += [("buffer", n, b) for n, b in buffers]
+        if grads:
+            named += [("grad", n, p.grad) for n, p in params if p.grad is not None]
+        fp = Fingerprint.of(named)
+    return Snapshot(
+        modes=modes,
+        types=types,
+        grad_enabled=torch.is_grad_enabled(),
+        inference_mode=torch.is_inference_mode_enabled(),
+        requires_grad=requires_grad,
+        has_grad=has_grad,
+        _fingerprint=fp,
+    )

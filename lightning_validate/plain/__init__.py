@@ -1,0 +1,1 @@
+"""The plain-PyTorch adapters over the check engine: ``evaluating()`` (``context``) and ``validate()`` (``loop``)."""
