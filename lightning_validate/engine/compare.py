@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from lightning_validate.engine.fingerprint import same, to_host
 from lightning_validate.engine.names import Globs, covers, group
-from lightning_validate.engine.snapshot import Snapshot
+from lightning_validate.engine.snapshot import Snapshot, initialised_buffers
 from lightning_validate.findings import Finding, display_name, make_finding
 
 __all__ = ["compare"]
@@ -157,9 +157,11 @@ def _compare_content(before: Snapshot, after: Snapshot, buffers_allowed: Globs |
     for kind, code in kinds:
         keys = [n for k, n in fb if k == kind]
         changed = [n for n in keys if (kind, n) in fa and not same(fb[(kind, n)], fa[(kind, n)])]
-        if kind == "buffer" and buffers_allowed:
+        if kind == "buffer" and buffers_allowed is not None:
+            # A placeholder filled in on the first forward (a fixed table of positions) is initialisation.
+            filled = {n for n, _, _ in initialised_buffers(before, after)}
             # Filtered per tensor, before grouping: a group names a module whose owner test would be its parent.
-            changed = [n for n in changed if not buffers_allowed.covers(n.rpartition(".")[0])]
+            changed = [n for n in changed if n not in filled and not buffers_allowed.covers(n.rpartition(".")[0])]
         for name, count in group(changed, keys, root=False):
             noun = "parameters" if kind == "param" else "buffers"
             owner = name.rpartition(".")[0] if (kind, name) in fb else name

@@ -10,7 +10,7 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -19,7 +19,7 @@ from lightning_validate.engine.fingerprint import Fingerprint
 from lightning_validate.engine.names import unwrap, walk
 from lightning_validate.findings import display_name
 
-__all__ = ["Snapshot", "take_snapshot"]
+__all__ = ["Snapshot", "give_back", "initialised_buffers", "take_snapshot"]
 
 
 @dataclass(eq=False)
@@ -33,6 +33,7 @@ class Snapshot:
         inference_mode: ``torch.is_inference_mode_enabled()`` when taken.
         requires_grad: parameter name -> ``requires_grad``.
         has_grad: parameter name -> whether ``.grad`` was set (``None`` when grads were not recorded).
+        buffer_shapes: buffer name -> shape (recorded with content), to tell initialisation from a change.
 
     """
 
@@ -43,6 +44,7 @@ class Snapshot:
     requires_grad: dict[str, bool]
     has_grad: dict[str, bool] | None
     _fingerprint: Fingerprint | None = None
+    buffer_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     @property
     def has_content(self) -> bool:
@@ -96,6 +98,7 @@ def take_snapshot(model: nn.Module, *, content: bool = True, grads: bool = True)
         if grads:
             named += [("grad", n, p.grad) for n, p in params if p.grad is not None]
         fp = Fingerprint.of(named)
+    shapes = {n: tuple(b.shape) for n, b in buffers} if content else {}
     return Snapshot(
         modes=modes,
         types=types,
@@ -104,4 +107,67 @@ def take_snapshot(model: nn.Module, *, content: bool = True, grads: bool = True)
         requires_grad=requires_grad,
         has_grad=has_grad,
         _fingerprint=fp,
+        buffer_shapes=shapes,
     )
+
+
+def initialised_buffers(before: Snapshot, after: Snapshot) -> list[tuple[str, tuple[int, ...], tuple[int, ...]]]:
+    """Buffers that a first forward filled in: a placeholder of zeros (or no elements) replaced by another shape.
+
+    Such a buffer is initialisation, not a change evaluation made to the model's state: a fixed table (relative
+    positions, a mask) computed on the first forward, whatever the mode, weights or data.
+
+    Returns:
+        ``(name, shape before, shape after)`` for each such buffer; comparing content synchronizes once per device.
+
+    Example:
+        >>> net = torch.nn.Module()
+        >>> net.register_buffer("table", torch.zeros(1, 1, 3))
+        >>> before = take_snapshot(net)
+        >>> net.table = torch.ones(1, 4, 3)
+        >>> initialised_buffers(before, take_snapshot(net))
+        [('table', (1, 1, 3), (1, 4, 3))]
+
+    """
+    if not before.has_content or not after.has_content:
+        return []
+    fb = before.fingerprints()
+    out = []
+    for name, shape in before.buffer_shapes.items():
+        now = after.buffer_shapes.get(name)
+        if now is not None and now != shape and fb.get(("buffer", name), (0.0, 0.0)) == (0.0, 0.0):
+            out.append((name, shape, now))
+    return out
+
+
+def give_back(model: nn.Module, snapshot: Snapshot) -> tuple[list[str], list[str]]:
+    """Set each submodule's own mode and each parameter's ``requires_grad`` back to those of ``snapshot``.
+
+    Only the flags are set, submodule by submodule (``module.train()`` would recurse and overwrite the children's
+    own modes). Submodules and parameters that no longer exist are skipped.
+
+    Returns:
+        The submodules whose mode and the parameters whose flag were set back.
+
+    Example:
+        >>> net = torch.nn.Sequential(torch.nn.Linear(1, 1), torch.nn.Dropout())
+        >>> before = take_snapshot(net, content=False)
+        >>> _ = net.eval()
+        >>> give_back(net, before), net.training
+        ((['', '0', '1'], []), True)
+
+    """
+    modules, params, _ = walk(unwrap(model))
+    modes = []
+    for name, module in modules.items():
+        want = snapshot.modes.get(name)
+        if want is not None and module.training != want:
+            module.training = want
+            modes.append(name)
+    flags = []
+    for name, p in params:
+        want = snapshot.requires_grad.get(name)
+        if want is not None and p.requires_grad != want and p.is_leaf:
+            p.requires_grad_(want)
+            flags.append(name)
+    return modes, flags

@@ -28,69 +28,32 @@ Where each check runs (see the hook-order guide: a callback never sees the state
 from __future__ import annotations
 
 import functools
-import json
-import logging
 import os
-from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
-from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
-from lightning_validate.engine import (
-    Globs,
-    ModeIndex,
-    Snapshot,
-    check_eval_state,
-    check_train_state,
-    compare,
-    take_snapshot,
-)
-from lightning_validate.engine.names import glob_problem
-from lightning_validate.findings import CODES, Finding, ModeCheckError, ModeCheckWarning, Policy
-from lightning_validate.mode_check.attribution import Mark, attribute
+from lightning_validate.engine import Globs, ModeIndex, check_train_state, take_snapshot
+from lightning_validate.findings import Finding, ModeCheckError, ModeCheckWarning, Policy
+from lightning_validate.mode_check.arguments import parse_arguments
+from lightning_validate.mode_check.evaluation import EvalRun
 from lightning_validate.mode_check.hook_wrapping import HookWrappers, is_lightning_readonly, trusted_callback_types
 from lightning_validate.mode_check.metric_tracking import MetricTracker
-from lightning_validate.mode_check.probe import ProbeCalls, probe_findings, record_first_calls, remove_hooks
+from lightning_validate.mode_check.report import RunReport, log_summary
 from lightning_validate.stages import RunningStage, evaluation_stages, hook_word
 
 __all__ = ["ModeCheck"]
 
-#: The summary goes through logging, never ``print``: an application or a test that patches ``print`` sees nothing
-#: of it, and ``logging.getLogger("lightning_validate").setLevel(logging.WARNING)`` silences it. Configured as
-#: Lightning configures its own logger: INFO to stderr unless the application configured logging itself.
-_log = logging.getLogger("lightning_validate")
-_log.setLevel(logging.INFO)
-if not _log.handlers and not logging.getLogger().hasHandlers():
-    _log.addHandler(logging.StreamHandler())
-    _log.propagate = False
-
-_REPORT_VERSION = 1
-
-
-@dataclass
-class _EvalRun:
-    """Bookkeeping of one evaluation loop run (a validation, the sanity check, a test or a predict run)."""
-
-    stage: RunningStage  # VALIDATING, TESTING or PREDICTING: whose hooks run
-    phase: str  # the running stage's value: the sanity check runs the validation hooks as "sanity_check"
-    baseline: Snapshot
-    index: ModeIndex
-    marks: list[Mark] = field(default_factory=list)
-    batches: int = 0
-    dirty: bool = False  # something may have changed since the last mark
-    finished: bool = False
-    probe_calls: ProbeCalls | None = None
-    probe_handles: list[RemovableHandle] = field(default_factory=list)
+#: The trainer stages inside an evaluation loop: an exception there leaves the model in eval mode.
+_EVALUATING = frozenset({RunningStage.VALIDATING, RunningStage.SANITY_CHECKING, RunningStage.TESTING,
+                         RunningStage.PREDICTING})
 
 
 class ModeCheck(Callback):
@@ -107,10 +70,17 @@ class ModeCheck(Callback):
     ``ModeCheckError``. Under DDP every rank checks its own model; with ``"raise"`` the ranks agree on the verdict at
     each evaluation end and each training epoch end, so all of them raise together and none is left waiting.
 
-    At the end of each run a summary is printed on rank zero (``verbose=False`` silences it) and, with
-    ``report_path``, written as JSON::
+    When an exception interrupts an evaluation (``KeyboardInterrupt`` included), ``ModeCheck`` gives the model back
+    as it was before that evaluation: each submodule's own mode, the ``requires_grad`` flags and the grad mode.
+    Lightning itself restores modes only when an evaluation ends normally. The exception propagates unchanged.
 
-        {"version": 1, "stage": "fit", "status": "finished",   # or "interrupted"
+    At the end of each run, also an interrupted one, a summary is logged on rank zero through the
+    ``lightning_validate`` logger (never ``print``; ``verbose=False`` silences it) and, with ``report_path``,
+    written as JSON::
+
+        {"version": 2, "stage": "fit", "status": "finished",   # or "interrupted"
+         "interrupted_by": null,  # or the exception's type, e.g. "KeyboardInterrupt"
+         "given_back": null,  # or {"modes": [...], "requires_grad": [...], "grad_enabled": null}
          "rank": 0, "world_size": 1,
          "boundaries_checked": {"on_validation_batch_start": 12, ...}, "total_boundaries": 40,
          "findings": [{"code": "LV205", "module": "backbone", "phase": "validation", "boundary": ..., "expected": ...,
@@ -132,7 +102,7 @@ class ModeCheck(Callback):
             mode without grad, and report outputs that differ (LV103). The random number generators are restored
             afterwards, so the probe does not change the run's randomness.
         report_path: where to write the JSON report, or ``None``.
-        verbose: print the end-of-run summary.
+        verbose: log the end-of-run summary (and info lines such as a buffer filled in on the first forward).
 
     Attributes:
         findings: the distinct findings of every run of this callback (``fit`` then ``test`` keeps both runs'
@@ -161,43 +131,11 @@ class ModeCheck(Callback):
         report_path: str | os.PathLike[str] | None = None,
         verbose: bool = True,
     ) -> None:
-        given = {
-            "on_violation": (on_violation, "warn"), "allow_train_mode": (allow_train_mode, ()),
-            "allow_eval_mode": (allow_eval_mode, ()), "allow_grad": (allow_grad, False), "ignore": (ignore, ()),
-            "probe": (probe, False), "report_path": (report_path, None), "verbose": (verbose, True),
-        }
-        problems: list[str] = []
-        policy = Policy.parse(on_violation)
-        if policy is None:
-            problems.append(f"Expected `on_violation` to be 'warn' or 'raise' but got {on_violation!r}.")
-        for arg in ("allow_train_mode", "allow_eval_mode"):
-            problem = glob_problem(arg, given[arg][0])
-            if problem is not None:
-                problems.append(problem)
-        for arg in ("allow_grad", "probe", "verbose"):
-            if not isinstance(given[arg][0], bool):
-                problems.append(f"Expected `{arg}` to be True or False but got {given[arg][0]!r}.")
-        if isinstance(ignore, str) or not isinstance(ignore, Sequence):
-            problems.append(f"Expected `ignore` to be a list of finding codes but got {ignore!r}"
-                            + (f": write `ignore=[{ignore!r}]`." if isinstance(ignore, str) else "."))
-        else:
-            unknown = [c for c in ignore if c not in CODES]
-            if unknown:
-                problems.append(f"Unknown finding code(s) in `ignore`: {', '.join(map(repr, unknown))}. "
-                                f"Valid codes: {', '.join(CODES)}.")
-        if report_path is not None and not isinstance(report_path, (str, os.PathLike)):
-            problems.append(f"Expected `report_path` to be a file path (str or os.PathLike) or None but got "
-                            f"{report_path!r}.")
-        elif report_path is not None and Path(report_path).is_dir():
-            problems.append(f"Expected `report_path` to be a file path but {str(report_path)!r} is a directory: "
-                            f"`report_path={os.path.join(str(report_path), 'modecheck.json')!r}`.")
-        if problems:
-            call = ", ".join(f"{k}={v!r}" for k, (v, default) in given.items() if _differs(v, default))
-            raise ValueError(f"`ModeCheck({call})` is not valid. " + " ".join(problems))
-
-        assert policy is not None
+        self.policy = parse_arguments(
+            on_violation=on_violation, allow_train_mode=allow_train_mode, allow_eval_mode=allow_eval_mode,
+            allow_grad=allow_grad, ignore=ignore, probe=probe, report_path=report_path, verbose=verbose,
+        )
         self.on_violation = on_violation
-        self.policy = policy
         self.allow_train_mode = Globs(allow_train_mode)
         self.allow_eval_mode = Globs(allow_eval_mode)
         self.allow_grad = allow_grad
@@ -207,16 +145,14 @@ class ModeCheck(Callback):
         self.verbose = verbose
 
         self.findings: list[Finding] = []
-        self._run_findings: list[Finding] = []
-        self._counts: Counter[tuple[str, str, str]] = Counter()
-        self._boundaries: Counter[str] = Counter()
+        self._run = RunReport()  # the latest run: its findings, counts and boundaries
         self._pending: list[Finding] = []
-        self._fn = ""  # the trainer function of the run: fit, validate, test, predict
+        self._grad_enabled = True  # the grad mode when the run started: given back after an exception
         self._trainer: pl.Trainer | None = None
         self._module: pl.LightningModule | None = None
         self._hooks = HookWrappers(self._guard, self._is_disabled, self._sync)
         self._disabled = False
-        self._eval: _EvalRun | None = None
+        self._eval: EvalRun | None = None
         self._restore_hooked: set[RunningStage] = set()
         self._train_epoch_first = False
         self._train_reopen = False
@@ -236,6 +172,7 @@ class ModeCheck(Callback):
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._give_back(trainer, exception)
         self._end_run(status="interrupted")
 
     @override
@@ -308,13 +245,31 @@ class ModeCheck(Callback):
 
     def _start_run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._hooks.uninstall()
-        self._run_findings, self._counts, self._boundaries, self._pending = [], Counter(), Counter(), []
-        self._fn, self._trainer, self._module = str(getattr(stage, "value", stage)), trainer, pl_module
+        self._run, self._pending = RunReport(str(getattr(stage, "value", stage))), []
+        self._trainer, self._module, self._grad_enabled = trainer, pl_module, torch.is_grad_enabled()
         self._disabled, self._eval, self._restore_hooked = False, None, set()
         self._train_epoch_first = self._train_reopen = False
         self._metrics, self._index = MetricTracker(self._report, self._phase), None
         with self._guard("setup"):
-            self._install(trainer, pl_module, self._fn)
+            self._install(trainer, pl_module, self._run.fn)
+
+    def _give_back(self, trainer: pl.Trainer, exception: BaseException) -> None:
+        """After an exception inside an evaluation: the model as it was before that evaluation began.
+
+        Lightning restores each submodule's mode only when an evaluation ends normally, so after a crash the next
+        ``fit`` on the same object would train with dropout off and BatchNorm frozen. Never raises: the user's
+        exception is the one that propagates.
+        """
+        self._run.interrupted_by = type(exception).__name__
+        run, module = self._eval, self._module
+        if run is None or module is None or trainer.state.stage not in _EVALUATING:
+            return
+        try:
+            self._run.given_back = run.give_back(module, self._grad_enabled)
+        except Exception as err:  # a model that cannot be walked any more: say so, keep the user's exception
+            rank_zero_warn(f"ModeCheck could not give the model back after `{type(exception).__name__}` "
+                           f"({type(err).__name__}: {err}); put it back with `model.train()` before training again.",
+                           category=ModeCheckWarning)
 
     def _end_run(self, status: str) -> None:
         if self._trainer is None:  # hooks called twice (teardown after on_exception) or never set up
@@ -327,64 +282,32 @@ class ModeCheck(Callback):
             except ModeCheckError as err:
                 error = err
         self._hooks.uninstall()
+        if self._eval is not None:
+            self._eval.remove_probe()
         trainer, self._trainer, self._module, self._eval = self._trainer, None, None, None
+        self._run.status = status if error is None else "interrupted"
+        if error is not None and not self._run.interrupted_by:
+            self._run.interrupted_by = type(error).__name__
         if self.report_path is not None:
-            self._write_report(trainer, status if error is None else "interrupted")
-        if self.verbose and status == "finished" and trainer.is_global_zero:
-            _log_summary(self.summary())
+            try:
+                self._run.write(self.report_path, trainer.global_rank, trainer.world_size)
+            except OSError as err:
+                rank_zero_warn(f"ModeCheck could not write its report to {str(self.report_path)!r}: {err}.",
+                               category=ModeCheckWarning)
+        if self.verbose and trainer.is_global_zero:
+            log_summary(self.summary())
         if error is not None:
             raise error
 
     def summary(self) -> str:
-        """Describe the run so far: boundaries checked and findings by code, as a small table.
+        """Describe the latest run: boundaries checked, findings by code, and whether it was interrupted.
 
         Example:
             >>> print(ModeCheck().summary())
             ModeCheck: 0 boundaries checked, no findings.
 
         """
-        total = sum(self._boundaries.values())
-        where = f" ({self._fn})" if self._fn else ""
-        if not self._run_findings:
-            return f"ModeCheck{where}: {total} boundaries checked, no findings."
-        by_code: dict[str, list[Finding]] = {}
-        for f in self._run_findings:
-            by_code.setdefault(f.code, []).append(f)
-        rows = [("code", "title", "seen", "modules")]
-        for code in sorted(by_code):
-            fs = by_code[code]
-            seen = sum(self._counts[f.key] for f in fs)
-            modules = ", ".join(dict.fromkeys(f.module for f in fs))
-            rows.append((code, CODES.get(code, ""), str(seen), modules if len(modules) <= 60 else modules[:57] + "..."))
-        widths = [max(len(r[i]) for r in rows) for i in range(4)]
-        lines = [f"ModeCheck{where}: {total} boundaries checked, {len(self._run_findings)} distinct "
-                 f"finding{'s' if len(self._run_findings) != 1 else ''}:"]
-        for i, row in enumerate(rows):
-            lines.append("  " + "  ".join(c.ljust(w) if j != 2 else c.rjust(w) for j, (c, w) in
-                                          enumerate(zip(row, widths, strict=True))).rstrip())
-            if i == 0:
-                lines.append("  " + "  ".join("-" * w for w in widths))
-        return "\n".join(lines)
-
-    def _write_report(self, trainer: pl.Trainer, status: str) -> None:
-        assert self.report_path is not None
-        path = str(self.report_path)
-        if "{rank}" in path:
-            path = path.replace("{rank}", str(trainer.global_rank))
-        elif not trainer.is_global_zero:
-            return
-        report = {
-            "version": _REPORT_VERSION,
-            "stage": self._fn,
-            "status": status,
-            "rank": trainer.global_rank,
-            "world_size": trainer.world_size,
-            "boundaries_checked": dict(sorted(self._boundaries.items())),
-            "total_boundaries": sum(self._boundaries.values()),
-            "findings": [{**f.to_dict(), "count": self._counts[f.key]} for f in self._run_findings],
-        }
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(report, indent=2) + "\n")
+        return self._run.summary()
 
     # ----------------------------------------------------------------------------------------------------------
     # Reporting
@@ -393,10 +316,8 @@ class ModeCheck(Callback):
         for f in findings:
             if f.code in self.ignore:
                 continue
-            self._counts[f.key] += 1
-            if self._counts[f.key] > 1:
+            if not self._run.add(f):
                 continue
-            self._run_findings.append(f)
             known = any(g.key == f.key for g in self.findings)
             if not known:
                 self.findings.append(f)
@@ -446,7 +367,7 @@ class ModeCheck(Callback):
                 return
             self._disabled = True
             if self._eval is not None:
-                self._remove_probe(self._eval)
+                self._eval.remove_probe()
             self._eval = None
             rank_zero_warn(
                 f"ModeCheck internal error in `{where}` ({type(err).__name__}: {err}); ModeCheck is disabled for the "
@@ -455,7 +376,7 @@ class ModeCheck(Callback):
             )
 
     def _count(self, boundary: str) -> None:
-        self._boundaries[boundary] += 1
+        self._run.boundaries[boundary] += 1
 
     def _is_disabled(self) -> bool:
         return self._disabled
@@ -508,7 +429,7 @@ class ModeCheck(Callback):
         index = self._index
         if index is None or index.model is not self._module or index.names != list(baseline.modes):
             index = self._index = ModeIndex(self._module, self.allow_train_mode)  # the structure changed: walk again
-        self._eval = _EvalRun(stage, self._phase(stage), baseline, index, [Mark(baseline)])
+        self._eval = EvalRun(stage, self._phase(stage), baseline, index, self.allow_train_mode)
         self._count(boundary or f"on_{hook_word(stage)}_model_eval")
 
     def _ensure_eval(self, stage: RunningStage, boundary: str) -> None:
@@ -518,51 +439,33 @@ class ModeCheck(Callback):
                 self._begin_eval(stage, boundary)
 
     def _mark(self, before: str = "", after: str = "", trusted: bool = False) -> None:
-        run = self._eval
-        if run is None or run.finished or self._module is None:
-            return
-        if before and not run.dirty:
-            return  # nothing ran since the last mark: it is this hook's "before"
-        run.marks.append(Mark(take_snapshot(self._module, content=True, grads=True), after, trusted, run.batches))
-        run.dirty = False
+        if self._eval is not None and self._module is not None:
+            self._eval.mark(self._module, before, after, trusted)
 
     def _check_eval_batch(self, boundary: str, start: bool) -> None:
         if self._disabled:
             return
         with self._guard(boundary):
             run = self._eval
-            if run is None or run.finished:
+            if run is None or run.finished or self._module is None:
                 return
-            if start:
-                run.dirty = True
-                if run.batches == 0:
-                    self._metrics_open(run.stage, run.index)
-                    if self.probe:
-                        self._probe_capture(run)
-                run.batches += 1
+            if start and run.batches == 0:
+                self._metrics_open(run.stage, run.index)
             self._count(boundary)
-            findings = check_eval_state(run.index, phase=run.phase, boundary=boundary, allow_grad=self.allow_grad)
             if not start and run.probe_calls is not None:
-                findings += self._probe_run(run)
-            self._report(findings)
+                self._count("probe")
+            self._report(run.check_batch(self._module, boundary, start, self.allow_grad, self.probe))
 
     def _finish_eval(self, boundary: str) -> None:
         """End of an evaluation: compare content (and ``requires_grad`` without a restore override) to the baseline."""
         run = self._eval
         if run is None or run.finished or self._module is None:
             return
-        run.finished = True
-        self._remove_probe(run)
-        if run.dirty or len(run.marks) == 1:
-            run.marks.append(Mark(take_snapshot(self._module, content=True, grads=True), batches=run.batches))
         self._count(boundary)
-        # Modes are still those of evaluation here (checked after the restore); requires_grad flags too when the
-        # LightningModule overrides the restore hook (they are compared right after it instead).
-        findings = compare(run.baseline, run.marks[-1].snapshot, phase=run.phase, boundary=boundary, modes=False,
-                           requires_grad=run.stage not in self._restore_hooked, buffers=not self._buffers_broadcast(),
-                           allow_train_mode=self.allow_train_mode)
-        if findings:
-            findings = attribute(run.marks, findings, run.phase, run.stage)
+        # requires_grad flags are compared here unless the LightningModule overrides the restore hook (then right
+        # after it, with the modes).
+        findings = run.finish(self._module, boundary, requires_grad=run.stage not in self._restore_hooked,
+                              buffers=not self._buffers_broadcast(), verbose=self.verbose)
         self._metrics_close(run.stage, epoch_end=True)
         self._report(findings)
 
@@ -586,38 +489,8 @@ class ModeCheck(Callback):
         run = self._eval
         if run is None or self._module is None:
             return
-        hook = f"on_{hook_word(stage)}_model_train"
-        self._count(hook)
-        after = take_snapshot(self._module, content=False, grads=False)
-        findings = compare(run.baseline, after, phase=run.phase, boundary=hook, structure=False,
-                           allow_train_mode=self.allow_train_mode)
-        detail = f"made by `{type(self._module).__name__}.{hook}`"
-        self._report([replace(f, detail="; ".join(x for x in (f.detail, detail) if x)) for f in findings])
-
-    # ----------------------------------------------------------------------------------------------------------
-    # Probe (LV103)
-
-    def _probe_capture(self, run: _EvalRun) -> None:
-        """Record the first call of the LightningModule and of each direct child during the first batch."""
-        assert self._module is not None
-        if run.index.any_in_train_mode():
-            return  # a submodule in train mode (reported as LV101) would update its state if run again
-        run.probe_calls = record_first_calls(self._module, run.probe_handles)
-
-    def _remove_probe(self, run: _EvalRun) -> None:
-        remove_hooks(run.probe_handles)
-        run.probe_handles = []
-
-    def _probe_run(self, run: _EvalRun) -> list[Finding]:
-        """Run each recorded call twice; differing outputs mean randomness in eval mode."""
-        self._remove_probe(run)
-        calls, run.probe_calls = run.probe_calls or {}, None
-        if not calls or self._module is None:
-            return []
-        self._count("probe")
-        allowed = [m for n, m in zip(run.index.names, run.index.modules, strict=True)
-                   if self.allow_train_mode.covers(n)]
-        return probe_findings(calls, allowed, run.phase, run.stage)
+        self._count(f"on_{hook_word(stage)}_model_train")
+        self._report(run.check_restore(self._module, type(self._module).__name__))
 
     # ----------------------------------------------------------------------------------------------------------
     # Training
@@ -661,19 +534,3 @@ class ModeCheck(Callback):
     def _metrics_close(self, stage: RunningStage, epoch_end: bool) -> None:
         """Note which stage updated each metric since it opened; one object updated in two stages is LV401."""
         self._metrics.close(stage, epoch_end)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Helpers
-
-
-def _differs(value: object, default: object) -> bool:
-    try:
-        return bool(value != default)
-    except Exception:  # an argument whose `!=` is not a plain bool (an array): show it
-        return True
-
-
-@rank_zero_only
-def _log_summary(text: str) -> None:
-    _log.info(text)

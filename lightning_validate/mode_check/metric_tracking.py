@@ -1,8 +1,11 @@
 """torchmetrics bookkeeping behind ``ModeCheck`` (LV401, LV402).
 
 Each torchmetrics object registered in the model has its update count read when a stage's batches start and when
-they end: an object updated in two stages is LV401, a count carried over from the previous epoch (never reset) is
-LV402. torchmetrics is looked up in ``sys.modules`` only, so nothing here imports it.
+they end: an object updated in two stages is LV401. A count carried over from the previous epoch (never reset) is
+LV402 only when the stale state is read: ``compute()`` at the epoch's end over updates of more than one epoch.
+Logging the per-step value of ``metric(preds, target)`` never reads the accumulated state, so it is not reported
+(``Metric.forward`` leaves ``_computed`` empty; ``compute()`` fills it until the next update or reset).
+torchmetrics is looked up in ``sys.modules`` only, so nothing here imports it.
 """
 
 from __future__ import annotations
@@ -17,13 +20,22 @@ from lightning_validate.engine import ModeIndex
 from lightning_validate.findings import Finding, make_finding
 from lightning_validate.stages import RunningStage, hook_word
 
-__all__ = ["MetricTrack", "MetricTracker", "is_metric", "update_count"]
+__all__ = ["MetricTrack", "MetricTracker", "is_metric", "update_count", "was_read"]
 
 
 def is_metric(module: nn.Module) -> bool:
     """Whether ``module`` is a torchmetrics ``Metric`` (``False`` when torchmetrics was never imported)."""
     metric = sys.modules.get("torchmetrics")
     return metric is not None and isinstance(module, metric.Metric)
+
+
+def was_read(metric: nn.Module) -> bool:
+    """Whether ``compute()`` read the accumulated state since the last update or reset (its cached value is set).
+
+    ``Metric.forward`` computes the batch value on a temporary state and clears the cache afterwards, so the
+    per-step pattern ``self.log("acc", self.acc(preds, y))`` does not count as a read.
+    """
+    return getattr(metric, "_computed", None) is not None
 
 
 def update_count(metric: nn.Module) -> int:
@@ -42,6 +54,8 @@ class MetricTrack:
     last_stage: RunningStage | None = None  # the stage that updated it last
     closed_at: int = 0  # update count when the last epoch that updated it ended
     moved_since_close: bool = False
+    carried: int = 0  # updates carried over from the previous epoch when this epoch opened (0: none)
+    carried_in: RunningStage | None = None  # the stage of that epoch
 
 
 class MetricTracker:
@@ -75,16 +89,13 @@ class MetricTracker:
             self.tracks.setdefault(name, MetricTrack())
 
     def open(self, stage: RunningStage, epoch_start: bool = True) -> None:
-        """Record update counts when a stage's batches start; at an epoch's start, a count carried over is LV402."""
+        """Record update counts when a stage's batches start, and at an epoch's start a count carried over."""
         for name, metric in self.objects.items():
             track, count = self.tracks[name], update_count(metric)
-            carried = count > 0 and count == track.closed_at and not track.moved_since_close
-            if epoch_start and carried and track.last_stage == stage:
-                self.report([make_finding(
-                    "LV402", module=name, phase=self.phase(stage), boundary=f"first {hook_word(stage)} batch",
-                    expected="the update count back at 0 (reset) at the start of each epoch",
-                    seen=f"{count} updates carried over from the previous epoch", name=name,
-                )])
+            if epoch_start:
+                carried = count > 0 and count == track.closed_at and not track.moved_since_close
+                track.carried = count if carried and track.last_stage == stage else 0
+                track.carried_in = stage
             track.opened_at, track.open_stage = count, stage
 
     def close(self, stage: RunningStage, epoch_end: bool) -> None:
@@ -100,6 +111,16 @@ class MetricTracker:
                         "LV401", module=name, phase=self.phase(stage), boundary=f"end of {hook_word(stage)}",
                         expected="one metric object per stage", seen=f"the same object updated in {stages}", name=name,
                     )])
+            # Closed at the epoch's end, after the epoch-end hooks that compute: the stale state was read or not.
+            if epoch_end and track.carried and track.carried_in == stage and was_read(metric):
+                self.report([make_finding(
+                    "LV402", module=name, phase=self.phase(stage), boundary=f"end of {hook_word(stage)}",
+                    expected="the update count back at 0 (reset) at the start of each epoch",
+                    seen=f"`compute()` read {count} updates, {track.carried} of them carried over from the previous "
+                         "epoch", name=name,
+                )])
+            if epoch_end and track.carried_in == stage:
+                track.carried = 0
             track.open_stage = None
             if epoch_end and track.last_stage == stage:
                 track.closed_at, track.moved_since_close = count, False

@@ -19,6 +19,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import logging
 import warnings
 from collections.abc import Iterator, Sequence
 from typing import Literal
@@ -26,10 +27,20 @@ from typing import Literal
 import torch
 from torch import nn
 
-from lightning_validate.engine import Globs, ModeIndex, check_eval_state, compare, take_snapshot, unwrap
+from lightning_validate.engine import (
+    Globs,
+    ModeIndex,
+    check_eval_state,
+    compare,
+    initialised_buffers,
+    take_snapshot,
+    unwrap,
+)
 from lightning_validate.findings import PLAIN, Finding, ModeCheckError, ModeCheckWarning, Policy
 
 __all__ = ["evaluating"]
+
+_log = logging.getLogger("lightning_validate")
 
 Check = bool | Literal["warn", "raise"]
 
@@ -107,8 +118,11 @@ def evaluating(
         for module, flag in modes:
             module.training = flag
     if before is not None and policy is not None:
-        findings += compare(before, take_snapshot(inner, grads=True), phase=PLAIN, boundary="end",
-                            allow_train_mode=allowed)
+        after = take_snapshot(inner, grads=True)
+        findings += compare(before, after, phase=PLAIN, boundary="end", allow_train_mode=allowed)
+        for name, was, now in initialised_buffers(before, after):
+            _log.info("evaluating(): buffer `%s` was filled in on the first forward (shape %s -> %s): "
+                      "initialisation, not reported", name, was, now)
         _report(findings, policy)
 
 

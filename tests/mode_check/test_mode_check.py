@@ -411,9 +411,35 @@ def test_metric_never_reset() -> None:
         def on_validation_epoch_end(self) -> None:
             self.log("val_acc", self.val_acc.compute())  # never reset: each epoch also counts the earlier ones
 
-    raises(Buggy(), r"LV402 metric object not reset between epochs: `val_acc` at validate/first validation batch: "
-                    r".*2 updates carried over.*Fix: call `self.val_acc.reset\(\)`",
+    raises(Buggy(), r"LV402 metric object not reset between epochs: `val_acc` at validate/end of validation: "
+                    r".*saw `compute\(\)` read 4 updates, 2 of them carried over from the previous epoch.*"
+                    r"Fix: call `self.val_acc.reset\(\)`",
            num_sanity_val_steps=0, max_epochs=2)
+
+
+def test_metric_forward_value_logged_per_step_is_not_lv402() -> None:
+    """The per-step value of `metric(preds, y)` never reads the accumulated (never reset) state: nothing is wrong."""
+
+    class PerStep(Net):
+        def __init__(self) -> None:
+            super().__init__()
+            self.train_acc = MulticlassAccuracy(num_classes=3)
+            self.val_acc = MulticlassAccuracy(num_classes=3)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            logits = self(x)
+            self.log("train_acc", self.train_acc(logits, y))  # the pattern of Lightning's own tests
+            return F.cross_entropy(logits, y)
+
+        def validation_step(self, batch: Any, batch_idx: int) -> None:
+            x, y = batch
+            self.log("val_acc", self.val_acc(self(x), y))
+
+    model = PerStep()
+    check = fit(model, ModeCheck(on_violation="raise"), max_epochs=3)
+    assert check.findings == []
+    assert model.train_acc.update_count == 12 and model.val_acc.update_count == 7  # never reset, never read
 
 
 def test_probe_finds_hard_coded_dropout() -> None:
@@ -469,7 +495,8 @@ def test_warn_mode_warns_once_per_distinct_finding(caplog: pytest.LogCaptureFixt
     # Seen once: from then on the backbone is in train mode before each validation too (the damage is done).
     assert "LV205  submodule mode not restored after evaluation     1  backbone" in out
     report = json.loads((tmp_path / "sub" / "report.json").read_text())
-    assert report["version"] == 1 and report["stage"] == "fit" and report["world_size"] == 1
+    assert report["version"] == 2 and report["stage"] == "fit" and report["world_size"] == 1
+    assert report["status"] == "finished" and report["interrupted_by"] is None and report["given_back"] is None
     (finding,) = report["findings"]
     assert finding["code"] == "LV205" and finding["module"] == "backbone" and finding["count"] == 1
     assert finding["message"] == check.findings[0].message
@@ -538,7 +565,8 @@ def test_hooks_called_directly() -> None:
         with pytest.raises(ModeCheckError, match=r"LV101 .*`head.0` at validate/on_validation_batch_end"):
             check.on_validation_batch_end(t, model, None, None, 0)
     check.on_exception(t, model, RuntimeError())
-    assert check.summary().startswith("ModeCheck (validate): 4 boundaries checked, 1 distinct finding:")
+    assert check.summary().startswith("ModeCheck (validate, interrupted by RuntimeError): 4 boundaries checked, "
+                                      "1 distinct finding:")
 
 
 def test_user_error_during_validation_passes_through_untouched() -> None:
