@@ -606,3 +606,59 @@ def test_findings_accumulate_across_runs(caplog: pytest.LogCaptureFixture) -> No
     assert check.findings[: len(after_fit)] == after_fit  # fit's findings are kept after validate()
     assert len(check.findings) > len(after_fit)
     assert "LV201" in caplog.text.split("ModeCheck (validate):")[1]  # the summary covers the latest run
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Allowlists and buffers filled in on the first forward (no false alarms)
+
+
+@pytest.mark.parametrize("pattern", ["backbone.1", "backbone.?", "backbone"], ids=["exact", "glob", "parent"])
+def test_allow_train_mode_silences_lv202_of_the_module_it_names(pattern: str) -> None:
+    """A BatchNorm kept in train mode on purpose updates its statistics: neither LV101 nor LV202 for it."""
+
+    class KeptInTrain(Net):
+        def on_validation_model_eval(self) -> None:
+            super().on_validation_model_eval()
+            self.backbone[1].train()  # on purpose (allowlisted)
+
+    check = fit(KeptInTrain(), ModeCheck(on_violation="raise", allow_train_mode=[pattern]))
+    assert check.findings == []
+    # Without the allowlist both are reported, on the BatchNorm itself.
+    err = raises(KeptInTrain(), r"LV101 .*`backbone.1`")
+    assert [f.module for f in err.findings] == ["backbone.1"]
+
+
+class PositionTable(nn.Module):
+    """Like timm's ConViT GPSA: a placeholder buffer replaced by a fixed table of positions on the first forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("rel_indices", torch.zeros(1, 1, 1, 3), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[1]
+        if self.rel_indices.shape[1] != n:
+            idx = torch.arange(n, dtype=x.dtype)
+            table = torch.stack(torch.broadcast_tensors(idx[:, None], idx[None, :], (idx[:, None] - idx[None, :])), -1)
+            self.rel_indices = table[None]  # mode, weights and data play no part: initialisation
+        return x + self.rel_indices[..., 2].sum() * 0
+
+
+def test_buffer_filled_in_on_the_first_forward_is_not_lv202(caplog: pytest.LogCaptureFixture) -> None:
+    model = Net()
+    model.backbone.append(PositionTable())
+    check = fit(model, ModeCheck(on_violation="raise"))
+    assert check.findings == []
+    assert model.backbone[3].rel_indices.shape == (1, 16, 16, 3)
+    assert ("ModeCheck: buffer `backbone.3.rel_indices` was filled in on the first forward (shape (1, 1, 1, 3) -> "
+            "(1, 16, 16, 3)): initialisation, not reported") in caplog.text
+    # A real change of the same buffer later is still reported.
+
+    class Overwrites(Net):
+        def validation_step(self, batch: Any, batch_idx: int) -> None:
+            super().validation_step(batch, batch_idx)
+            self.backbone[3].rel_indices.add_(1)
+
+    buggy = Overwrites()
+    buggy.backbone.append(PositionTable())
+    raises(buggy, r"LV202 .*`backbone.3.rel_indices`")

@@ -306,3 +306,26 @@ def test_bad_arguments_raise_and_change_nothing(kwargs: dict[str, object], error
     with pytest.raises(error, match=match), evaluating(target, **args):  # type: ignore[arg-type]
         pytest.fail("the body must not run")
     assert _modes(model) == before and torch.is_grad_enabled()
+
+
+def test_buffer_filled_in_on_the_first_forward_is_initialisation(caplog: pytest.LogCaptureFixture) -> None:
+    """A placeholder buffer replaced on the first forward (timm's ConViT) is not a change evaluation made."""
+
+    class PositionTable(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("rel_indices", torch.zeros(1, 1, 1, 3))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if self.rel_indices.shape[1] != x.shape[1]:
+                self.rel_indices = torch.ones(1, x.shape[1], x.shape[1], 3)
+            return x
+
+    model = nn.Sequential(nn.Linear(4, 4), PositionTable())
+    with caplog.at_level("INFO", logger="lightning_validate"), evaluating(model, check="raise"):
+        model(torch.randn(2, 4))
+    assert model[1].rel_indices.shape == (1, 4, 4, 3)
+    assert ("evaluating(): buffer `1.rel_indices` was filled in on the first forward (shape (1, 1, 1, 3) -> "
+            "(1, 4, 4, 3)): initialisation, not reported") in caplog.text
+    with pytest.raises(ModeCheckError, match=r"LV202 .*`1.rel_indices`"), evaluating(model, check="raise"):
+        model[1].rel_indices.mul_(2)  # a change of the filled-in table is a change
