@@ -662,3 +662,15 @@ def test_buffer_filled_in_on_the_first_forward_is_not_lv202(caplog: pytest.LogCa
     buggy = Overwrites()
     buggy.backbone.append(PositionTable())
     raises(buggy, r"LV202 .*`backbone.3.rel_indices`")
+
+
+def test_lv205_fix_names_the_test_hook_at_the_test_stage() -> None:
+    class Buggy(Net):
+        def on_test_model_train(self) -> None:
+            pass  # forgets to restore
+
+    check = ModeCheck(on_violation="raise")
+    with pytest.raises(ModeCheckError, match=r"LV205 .* at test/on_test_model_train: .*remove the "
+                                             r"`on_test_model_train` override") as info:
+        trainer(check).test(Buggy(), loader(16, seed=1), verbose=False)
+    assert "on_validation" not in str(info.value)
