@@ -258,7 +258,7 @@ def test_metric_objects_logged_the_documented_ways_are_clean() -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Bug classes (anchors.md 1-10): each reported with the module's name and the fix
+# Bug classes users hit: each reported with the module's name and the fix
 
 
 @pytest.mark.filterwarnings(EVAL_AT_START)

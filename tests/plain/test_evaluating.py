@@ -53,13 +53,13 @@ def test_inference_mode() -> None:
     assert not torch.is_inference_mode_enabled() and torch.is_grad_enabled()
 
 
-def test_the_seeds_eval_then_train_unfreezes_a_frozen_batchnorm_and_evaluating_does_not() -> None:
-    seed = _frozen_bn_net()
-    seed.eval()
+def test_the_usual_eval_then_train_unfreezes_a_frozen_batchnorm_and_evaluating_does_not() -> None:
+    usual = _frozen_bn_net()
+    usual.eval()
     with torch.no_grad():
-        seed(torch.randn(5, 4))
-    seed.train()  # the seed's loop ends like this
-    assert seed.backbone[1].training, "the seed's pattern no longer un-freezes: this regression test is moot"
+        usual(torch.randn(5, 4))
+    usual.train()  # the usual hand-written loop ends like this
+    assert usual.backbone[1].training, "the usual pattern no longer un-freezes: this regression test is moot"
 
     model = _frozen_bn_net()
     stats = model.backbone[1].running_mean.clone()

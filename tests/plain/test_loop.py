@@ -1,4 +1,5 @@
-"""Tests for ``validate()``: values against sklearn and full-data loops, the seed's five flaws, errors, no syncs."""
+"""Tests for ``validate()``: values against sklearn and full-data loops, the usual hand-written loop's five flaws,
+errors, no syncs."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from lightning_validate.metrics.batches import to_device
 from lightning_validate.plain import loop
 
 # --------------------------------------------------------------------------------------------------------------
-# The seed's loop, as published (model-validation-post.md), with its `model_fn` returning batch means.
+# The usual hand-written loop, as a well-known blog post publishes it, with its `model_fn` returning batch means.
 
 
 def model_fn(batch: Any, model: nn.Module, criterion: nn.Module, device: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,7 +35,7 @@ def model_fn(batch: Any, model: nn.Module, criterion: nn.Module, device: str) ->
     return criterion(out, y), (out.argmax(dim=-1) == y).float().mean()
 
 
-def seed_valid(dataloader: DataLoader, model: nn.Module, criterion: nn.Module, device: str) -> float:
+def usual_valid(dataloader: DataLoader, model: nn.Module, criterion: nn.Module, device: str) -> float:
     """Validate on validation set."""
     model.eval()
     running_loss = 0.0
@@ -59,8 +60,8 @@ def seed_valid(dataloader: DataLoader, model: nn.Module, criterion: nn.Module, d
     return running_accuracy / len(dataloader)
 
 
-def run_seed(model: nn.Module, loader: DataLoader) -> dict[str, float]:
-    return {"accuracy": seed_valid(loader, model, nn.CrossEntropyLoss(), "cpu")}
+def run_usual(model: nn.Module, loader: DataLoader) -> dict[str, float]:
+    return {"accuracy": usual_valid(loader, model, nn.CrossEntropyLoss(), "cpu")}
 
 
 def run_validate(model: nn.Module, loader: DataLoader) -> dict[str, float]:
@@ -68,8 +69,8 @@ def run_validate(model: nn.Module, loader: DataLoader) -> dict[str, float]:
                     metrics={"accuracy": MulticlassAccuracy(num_classes=10, average="micro")})
 
 
-SEED_FAILS = pytest.mark.xfail(strict=True, reason="the seed's valid() has this flaw")
-BOTH = [pytest.param(run_seed, id="seed", marks=SEED_FAILS), pytest.param(run_validate, id="validate")]
+USUAL_FAILS = pytest.mark.xfail(strict=True, reason="the usual hand-written loop has this flaw")
+BOTH = [pytest.param(run_usual, id="usual-loop", marks=USUAL_FAILS), pytest.param(run_validate, id="validate")]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -270,12 +271,12 @@ def test_torch_compiled_model() -> None:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# The seed's flaws: each assertion fails on the seed's loop (xfail, strict) and passes on validate()
+# The usual loop's flaws: each assertion fails on it (xfail, strict) and passes on validate()
 
 
 @pytest.mark.parametrize("run", BOTH)
 def test_flaw_batch_mean_averaging(run: Any) -> None:
-    x, y = data(65, features=64)  # batches of 64 and 1: the seed gives the last sample the weight of 64
+    x, y = data(65, features=64)  # batches of 64 and 1: the usual loop gives the last sample the weight of 64
     model = mlp()
     _, pred = reference(model, x, y)
     result = run(model, loader(x, y, 64))
@@ -329,7 +330,7 @@ def raising_loader(x: torch.Tensor, y: torch.Tensor, at: int) -> Iterator[tuple[
 
 
 class LoaderWithDataset:
-    """What the seed reads from a DataLoader (dataset, batch_size, len), around a raising iterator."""
+    """What the usual loop reads from a DataLoader (dataset, batch_size, len), around a raising iterator."""
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
         self.dataset, self.batch_size, self._x, self._y = TensorDataset(x, y), 5, x, y
