@@ -93,3 +93,51 @@ def test_raise_on_one_rank_stops_every_rank(tmp_path: Path) -> None:
     assert (tmp_path / "raised-1.txt").read_text().startswith("LV205 submodule mode not restored after evaluation")
     assert (tmp_path / "raised-0.txt").read_text().startswith(
         "ModeCheck: another rank reported a finding at on_validation_model_train")
+
+
+class Failing(Net):
+    """Raises on every rank at ``point`` during validation; otherwise correct."""
+
+    def __init__(self, point: str) -> None:
+        super().__init__(buggy_ranks=())
+        self.point = point
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        if self.point == "validation_step" and batch_idx == 1:
+            raise RuntimeError("injected at validation_step")
+        super().validation_step(batch, batch_idx)
+
+    def on_validation_epoch_end(self) -> None:
+        if self.point == "on_validation_epoch_end":
+            raise RuntimeError("injected at on_validation_epoch_end")
+
+
+@pytest.mark.ddp
+@pytest.mark.filterwarnings("ignore:Found .* module\\(s\\) in eval mode:UserWarning")
+@pytest.mark.parametrize("point", ["validation_step", "on_validation_epoch_end"])
+def test_exception_in_evaluation_under_ddp_spawn_then_clean_rerun(tmp_path: Path, point: str) -> None:
+    """Under ``ddp_spawn`` each worker evaluates its own copy and dies with it; Lightning calls ``on_exception`` in
+    the main process, whose model (the user's object) must be as it was, and rerun cleanly."""
+    model = Failing(point)
+    expected = ({n: m.training for n, m in model.named_modules()},
+                {n: p.requires_grad for n, p in model.named_parameters()})
+    assert not expected[0]["backbone"] and expected[0]["head"]
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(32, 8, generator=g), torch.randint(0, 3, (32,), generator=g))
+    check = ModeCheck(on_violation="raise", verbose=False)
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=2, strategy="ddp_spawn", max_epochs=1, limit_train_batches=2, limit_val_batches=2,
+        num_sanity_val_steps=0, logger=False, enable_checkpointing=False, enable_model_summary=False,
+        enable_progress_bar=False, default_root_dir=tmp_path, callbacks=[check],
+    )
+    with pytest.raises(Exception, match=f"injected at {point}"):
+        trainer.fit(model, DataLoader(data, batch_size=4), DataLoader(data, batch_size=4))
+    assert ({n: m.training for n, m in model.named_modules()},
+            {n: p.requires_grad for n, p in model.named_parameters()}) == expected and torch.is_grad_enabled()
+    model.point = ""
+    rerun = ModeCheck(on_violation="raise", verbose=False)
+    pl.Trainer(accelerator="cpu", devices=1, max_epochs=1, limit_train_batches=2, limit_val_batches=2, logger=False,
+               enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False,
+               default_root_dir=tmp_path, callbacks=[rerun]).fit(
+        model, DataLoader(data, batch_size=4), DataLoader(data, batch_size=4))
+    assert rerun.findings == []
