@@ -10,6 +10,7 @@ model is the ``ValidationMixin`` digits classifier of ``examples/digits.py``.
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 
@@ -32,4 +33,7 @@ if __name__ == "__main__":
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     # Lightning 2.6 uses torch's LeafSpec, deprecated in torch 2.13: not about your model.
     warnings.filterwarnings("ignore", ".*treespec, LeafSpec.*", FutureWarning)
+    # Lightning advertises its cloud services at every run ("💡 Tip: ..."): drop those lines, keep the rest.
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
+        lambda record: not record.getMessage().startswith("💡 Tip"))
     main()

@@ -131,11 +131,12 @@ def plot_curves(history: list[dict[str, float]], path: Path) -> None:
     for ax, metric, label in ((axes[0], "loss", "cross-entropy loss"), (axes[1], "acc", "accuracy")):
         for stage, style in (("train", "o-"), ("val", "s-")):
             key = f"{stage}/{metric}"
-            points = [(int(r["epoch"]) + 1, r[key]) for r in history if key in r]
+            # Epochs count from 0, as on Lightning's progress bar and in the checkpoint name `best-epoch=N`.
+            points = [(int(r["epoch"]), r[key]) for r in history if key in r]
             if points:
                 xs, ys = zip(*points, strict=True)
                 ax.plot(xs, ys, style, label="training" if stage == "train" else "validation", markersize=3)
-        ax.set_xlabel("epoch")
+        ax.set_xlabel("epoch (from 0)")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)

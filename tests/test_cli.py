@@ -33,7 +33,6 @@ def test_cli_config_builds_modecheck_and_fits(cli_main: Callable[[list[str]], An
         "--trainer.limit_val_batches=2",
         f"--trainer.default_root_dir={tmp_path}",
         "--trainer.logger=false",
-        "--trainer.enable_checkpointing=false",
         "--trainer.enable_progress_bar=false",
         "--trainer.enable_model_summary=false",
         "--model.hidden=32",
@@ -46,3 +45,4 @@ def test_cli_config_builds_modecheck_and_fits(cli_main: Callable[[list[str]], An
     assert cli.trainer.current_epoch == 1
     assert {"val/loss", "val/acc", "val/f1"} <= set(cli.trainer.callback_metrics)
     assert checks[0].probe is True
+    assert [p.name for p in tmp_path.rglob("*.ckpt")] == ["best-epoch=0.ckpt"]  # epochs count from 0, as on the bar

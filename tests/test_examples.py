@@ -77,3 +77,15 @@ def test_digits_fast_run_writes_logs_plot_and_reports_test_accuracy(tmp_path: Pa
     val_acc, test_acc = map(float, acc.groups())
     assert 0.5 < val_acc <= 1 and 0.5 < test_acc <= 1  # 2 epochs; the full run reaches ~0.97
     assert "ModeCheck: clean" in out, out
+    assert "Tip" not in out and "Warning" not in out, out  # nothing the user did not cause
+    assert re.search(r"best-epoch=[01]\.ckpt", out), out  # epochs count from 0 here, on the bar and in the plot
+
+
+def test_cli_example_prints_nothing_the_user_did_not_cause(tmp_path: Path) -> None:
+    """No advertising tips and no TensorBoard notice: the config names its logger and checkpoint callback."""
+    out = _run(str(EXAMPLES / "cli.py"), "fit", "--config", str(EXAMPLES / "cli_config.yaml"),
+               "--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1",
+               f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}",
+               "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false")
+    assert "Tip" not in out and "tensorboard" not in out.lower() and "Warning" not in out, out
+    assert "ModeCheck (fit): " in out and "no findings" in out, out
