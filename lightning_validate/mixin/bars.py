@@ -4,7 +4,7 @@
 ``RunningBar`` that takes values already read back to the host: ``show`` during the epoch (the caller reads the
 values at most a few times per second, see ``lightning_validate.progress.Throttle``), ``finish`` once at the end
 with the exact epoch values. Neither reads anything from the device, and neither redraws the bar per call: the bar
-draws the values at its own next refresh, and ``finish`` redraws once.
+draws the values at its own next refresh (TQDM: ``finish`` redraws at once).
 
 TQDM: the values go to the bar's postfix (``loss=0.123, acc=0.900``), as Lightning's training bar shows its own.
 
@@ -53,7 +53,7 @@ class RunningBar(ABC):
 
     @abstractmethod
     def finish(self, values: Mapping[str, float]) -> None:
-        """Put the epoch's final values on the bar and redraw it once."""
+        """Put the epoch's final values on the bar; they stay on it when the epoch ends."""
 
 
 def running_bar(trainer: pl.Trainer, stage: str) -> RunningBar | None:
@@ -98,16 +98,16 @@ class _RichBar(RunningBar):
         self._put(values)
 
     def finish(self, values: Mapping[str, float]) -> None:
-        progress = self._put(values)
-        if progress is not None:
-            progress.refresh()
+        # No redraw here: Lightning draws a last frame when it stops the display at the end of `validate`/`test`,
+        # and inside `fit` it has hidden the validation bar already (its callback hook runs before the module's).
+        self._put(values)
 
-    def _put(self, values: Mapping[str, float]) -> Progress | None:
-        """Store the formatted values on the stage's current task; return the ``Progress`` that holds it."""
+    def _put(self, values: Mapping[str, float]) -> None:
+        """Store the formatted values on the stage's current task, for the bar's next refresh to draw."""
         progress: Progress | None = getattr(self._callback, "progress", None)
         task_id = self._task_id()
         if progress is None or task_id is None:  # stopped, or no batch of this stage has started a task yet
-            return None
+            return
         _wrap_metrics_column(progress, self._callback)
         theme = self._callback.theme
         fmt = getattr(theme, "metrics_format", ".3f")
@@ -115,7 +115,6 @@ class _RichBar(RunningBar):
             f"{name}: {value:{fmt}}" for name, value in values.items()
         )
         progress.update(task_id, lightning_validate_values=text)  # a task field, named by _FIELD
-        return progress
 
     def _task_id(self) -> Any:
         # Read at each call: Lightning starts a new task per dataloader (and per epoch), at the first batch.
