@@ -156,10 +156,10 @@ def _values_column_type() -> type[Any]:  # a ProgressColumn subclass; Any: rich 
             self.style = style
 
         def render(self, task: Task) -> RenderableType:
+            # The inner column runs for every task, as if unwrapped: Lightning's column reads back its own cache of
+            # earlier tasks' cells (`_renderable_cache`, filled by `__call__`), and Lightning 2.2 fails on a gap.
+            inner = self.inner(task) if self.inner is not None else Text()
             text = task.fields.get(_FIELD)
-            if text is not None:
-                return Text(text, justify="left", style=self.style)
-            # The inner column's __call__ (not render): it keeps its own cache, which Lightning's column reads.
-            return self.inner(task) if self.inner is not None else Text()
+            return inner if text is None else Text(text, justify="left", style=self.style)
 
     return ValuesColumn

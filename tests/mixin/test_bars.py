@@ -111,13 +111,18 @@ def trainer(**kwargs):
 
 
 def rich_rows(screen):
-    """Every row of every frame written to ``screen``: (description, done, total, {name: shown value})."""
+    """Every row of every frame written to ``screen``: (description, done, total, {name: shown value}).
+
+    A row drawn twice in a row is kept once (Lightning 2.2 draws each batch twice).
+    """
     rows = []
     for line in re.split(r"[\r\n]", ANSI.sub("", screen.getvalue())):
         match = RICH_ROW.match(line.strip())
         if match:
             values = {k: float(v) for k, v in RICH_VALUE.findall(match["values"])}
-            rows.append((match["desc"], int(match["done"]), int(match["total"]), values))
+            row = (match["desc"], int(match["done"]), int(match["total"]), values)
+            if not rows or rows[-1] != row:
+                rows.append(row)
     return rows
 
 
