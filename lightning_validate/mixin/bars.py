@@ -106,15 +106,12 @@ class _RichBar(RunningBar):
         """Store the formatted values on the stage's current task, for the bar's next refresh to draw."""
         progress: Progress | None = getattr(self._callback, "progress", None)
         task_id = self._task_id()
-        if progress is None or task_id is None:  # stopped, or no batch of this stage has started a task yet
+        if progress is None or task_id is None:  # no display yet, or no batch of this stage has started a task
             return
         _wrap_metrics_column(progress, self._callback)
         theme = self._callback.theme
-        fmt = getattr(theme, "metrics_format", ".3f")
-        text = getattr(theme, "metrics_text_delimiter", " ").join(
-            f"{name}: {value:{fmt}}" for name, value in values.items()
-        )
-        progress.update(task_id, lightning_validate_values=text)  # a task field, named by _FIELD
+        fmt, delimiter = getattr(theme, "metrics_format", ".3f"), getattr(theme, "metrics_text_delimiter", " ")
+        progress.update(task_id, lightning_validate_values=_rich_text(values, fmt, delimiter))  # the field _FIELD
 
     def _task_id(self) -> Any:
         # Read at each call: Lightning starts a new task per dataloader (and per epoch), at the first batch.
@@ -124,6 +121,24 @@ class _RichBar(RunningBar):
         if self._trainer.sanity_checking:  # the TQDM path shows the sanity check's values too
             return getattr(callback, "val_sanity_progress_bar_id", None)
         return getattr(callback, "val_progress_bar_id", None)
+
+
+def _rich_text(values: Mapping[str, float], fmt: str, delimiter: str) -> str:
+    """Format values as Lightning's Rich metrics column does (a format that does not fit a float falls back to str).
+
+    >>> _rich_text({"loss": 0.12345, "acc": 0.9}, ".3f", " ")
+    'loss: 0.123 acc: 0.900'
+    >>> _rich_text({"loss": 0.5}, "d", " | ")
+    'loss: 0.5'
+    """
+    texts = []
+    for name, value in values.items():
+        try:
+            shown = f"{value:{fmt}}"
+        except (TypeError, ValueError):  # a theme's format for other values: never stop the evaluation for it
+            shown = str(value)
+        texts.append(f"{name}: {shown}")
+    return delimiter.join(texts)
 
 
 def _wrap_metrics_column(progress: Progress, callback: RichProgressBar) -> None:

@@ -8,6 +8,7 @@ import pytest
 import rich
 import torch
 from lightning.pytorch.callbacks import ProgressBar, RichProgressBar, TQDMProgressBar
+from lightning.pytorch.callbacks.progress.rich_progress import RichProgressBarTheme
 from sklearn.datasets import load_digits
 from sklearn.metrics import accuracy_score, f1_score
 from torch import nn
@@ -206,6 +207,19 @@ def test_rich_fit_shows_running_values_and_keeps_the_training_bar_metrics(digits
     ref = reference(model, vx, vy)
     training = [values for desc, _, _, values in rows if desc.startswith("Epoch")]
     assert training[-1] == pytest.approx({f"val/{k}": v for k, v in ref.items()}, abs=5e-4 + 1e-9)
+
+
+def test_rich_values_follow_the_theme(digits, screen):
+    x, y = digits
+    x, y = x[:300], y[:300]
+    model = Lit()
+    theme = RichProgressBarTheme(metrics_format=".5f", metrics_text_delimiter=" | ")
+    (logged,) = trainer(callbacks=[FrameBar(screen, theme=theme)]).validate(model, loader(x, y), verbose=False)
+    assert re.search(r"loss: \d\.\d{5} \| acc: \d\.\d{5} \| f1: \d\.\d{5}", screen.getvalue())
+    *_, (_, done, _, values) = rich_rows(screen)
+    assert done == 5
+    assert values == {name: round(logged[f"val/{name}"], 5) for name in ("loss", "acc", "f1")}
+    assert values == pytest.approx(reference(model, x, y), abs=5e-6 + 1e-12)
 
 
 def test_tqdm_bars_unchanged(digits, capsys, reads):
