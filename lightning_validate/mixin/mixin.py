@@ -38,7 +38,6 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics import Metric
@@ -51,7 +50,8 @@ from lightning_validate.metrics.checks import check_metrics
 from lightning_validate.metrics.fast_accuracy import default_metrics
 from lightning_validate.metrics.padding import PaddingFilter, real_samples, take_first
 from lightning_validate.metrics.states import local_value
-from lightning_validate.progress import DEFAULT_INTERVAL, Throttle, format_postfix
+from lightning_validate.mixin.bars import RunningBar, running_bar
+from lightning_validate.progress import DEFAULT_INTERVAL, Throttle
 from lightning_validate.stages import TrainerFn, hook_word, log_stage
 
 __all__ = ["ValidationMixin"]
@@ -99,7 +99,7 @@ class _Epoch:
     """One open epoch of one stage."""
 
     loaders: list[_Loader]
-    bar: Any = None  # the tqdm bar showing running values, or None
+    bar: RunningBar | None = None  # the TQDM or Rich bar showing running values
     check_default: bool = False
 
 
@@ -143,8 +143,8 @@ class ValidationMixin(_Base):
     Class attributes you may set:
         on_bad_values: ``"warn"`` (default) or ``"raise"`` when an epoch had non-finite losses or targets
             outside ``[0, num_classes)`` (counted on the device, reported once per epoch).
-        progress_interval: seconds between refreshes of the running values on Lightning's TQDM validation and
-            test bars (0.25). Each refresh reads the running values back from the device once.
+        progress_interval: seconds between refreshes of the running values on Lightning's validation and test
+            bars, TQDM or Rich (0.25). Each refresh reads the running values back from the device once.
         val_dataloader_names, test_dataloader_names: one name per dataloader, used instead of
             ``dataloader_idx_<i>``.
         log_train_metrics: update the metrics in the default ``training_step`` too (``True``).
@@ -477,21 +477,8 @@ class ValidationMixin(_Base):
                     throttle=Throttle(self.progress_interval),
                 )
             )
-        epoch.bar = self._lv_bar(stage)
+        epoch.bar = running_bar(self.trainer, stage)
         state.epochs[stage] = epoch
-
-    def _lv_bar(self, stage: Stage) -> Any:
-        """Lightning's TQDM bar of ``stage`` when one is shown here (rank 0), else ``None`` (Rich, no bar)."""
-        if stage == "train":
-            return None
-        callback = self.trainer.progress_bar_callback
-        if not isinstance(callback, TQDMProgressBar) or not callback.is_enabled:
-            return None
-        try:
-            bar = callback.test_progress_bar if stage == "test" else callback.val_progress_bar
-        except TypeError:  # not created (yet)
-            return None
-        return None if getattr(bar, "disable", True) else bar
 
     def _lv_end(self, stage: Stage) -> dict[str, float]:
         """Reduce across processes, report bad values, log; return the values for the history."""
@@ -565,7 +552,7 @@ class ValidationMixin(_Base):
                 for k, v in values.items()
                 if k.startswith(prefix) and k.endswith(last.suffix)
             }
-            epoch.bar.set_postfix(format_postfix(final), refresh=True)
+            epoch.bar.finish(final)
         epoch.bar = None
         distributed = trainer.world_size > 1
         for key, value in values.items():
@@ -699,7 +686,7 @@ def _target_extremes(loader: _Loader, device: torch.device) -> Tensor:
     return loader.targets.summary(device)[1].to(device)
 
 
-def _show_running(bar: Any, loader: _Loader) -> None:
+def _show_running(bar: RunningBar, loader: _Loader) -> None:
     """Put this dataloader's running loss and metrics on the bar: one read-back from the device."""
     names: list[str] = []
     values: list[Tensor] = []
@@ -713,4 +700,4 @@ def _show_running(bar: Any, loader: _Loader) -> None:
             names.append(name)
             values.append(value.to(device=loss.device if loss is not None else value.device, dtype=torch.float64))
     if values:
-        bar.set_postfix(format_postfix(dict(zip(names, torch.stack(values).tolist(), strict=True))), refresh=False)
+        bar.show(dict(zip(names, torch.stack(values).tolist(), strict=True)))
