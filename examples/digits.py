@@ -186,7 +186,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         devices=1,
         deterministic=True,
         logger=logger,
-        # TQDM named explicitly: with `rich` installed Lightning would pick its Rich bar, which has no postfix.
+        # TQDM named explicitly, for the classic one-line bars; with `rich` installed Lightning picks its Rich bar,
+        # which shows the same running values in its metrics column.
         callbacks=[mode_check, checkpoint, *([] if args.no_progress_bar else [TQDMProgressBar()])],
         log_every_n_steps=1,
         enable_model_summary=False,

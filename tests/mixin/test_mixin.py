@@ -348,7 +348,7 @@ def test_tqdm_bar_shows_running_values_throttled(digits, monkeypatch):
     assert len(reads) == math.ceil(len(y) / BATCH)
 
 
-def test_quiet_without_bar_and_with_rich(digits):
+def test_exact_values_with_the_rich_bar(digits):
     x, y = digits
     from lightning.pytorch.callbacks import RichProgressBar  # rich is in the test extra
 
