@@ -1,4 +1,4 @@
-"""Plain PyTorch validation loops, side by side: the bare loop, the seed's loop and ``validate()``.
+"""Plain PyTorch validation loops, side by side: the bare loop, the usual hand-written loop and ``validate()``.
 
 Same MLP (BatchNorm, Dropout), same 200 in-memory batches of 64, interleaved repetitions, median of 5.
 ``validate()`` runs with its bar on, written to os.devnull so that terminal I/O does not dominate the timing,
@@ -47,9 +47,10 @@ def bare(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], cri
     model.eval()
     if metric is not None:
         metric.reset()
+    device = next(model.parameters()).device  # the sums live where the model runs: no read-back per batch
     with torch.inference_mode():
-        loss_sum = torch.zeros((), dtype=torch.float64)
-        correct = torch.zeros((), dtype=torch.long)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        correct = torch.zeros((), dtype=torch.long, device=device)
         n = 0
         for x, y in batches:
             out = model(x)
@@ -64,8 +65,9 @@ def bare(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], cri
     return {"loss": loss_sum.item() / n, "accuracy": accuracy}
 
 
-def seed(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], criterion: nn.Module) -> float:
-    """The seed post's ``valid()``: ``.item()`` twice per batch, tqdm postfix every batch, ``model.train()``."""
+def usual_loop(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], criterion: nn.Module) -> float:
+    """The usual hand-written loop (a blog post's ``valid()``): ``.item()`` twice per batch, tqdm postfix every batch,
+    ``model.train()``."""
     model.eval()
     running_loss = 0.0
     running_accuracy = 0.0
@@ -108,8 +110,8 @@ def main() -> None:
         floor: (lambda: bare(model, batches, criterion), floor),
         loss_only: (lambda: bare(model, batches, criterion, count_correct=False), loss_only),
         same_work: (lambda: bare(model, batches, criterion, acc), same_work),
-        "seed's `valid()`: `.item()` x2 per batch, tqdm postfix per batch": (
-            lambda: seed(model, batches, criterion), floor),
+        "the usual hand-written loop: `.item()` x2 per batch, tqdm postfix per batch": (
+            lambda: usual_loop(model, batches, criterion), floor),
         "`validate(criterion=...)`, bar on": (lambda: validate(model, batches, criterion=criterion), loss_only),
         "`validate(criterion=...)`, `progress=False`": (
             lambda: validate(model, batches, criterion=criterion, progress=False), loss_only),
