@@ -939,6 +939,8 @@ def fsdp_section(cfg: Config, results: Results) -> None:
             entry["error"] = traceback.format_exc()
             results.errors[label] = f"{type(err).__name__}: {err}"
             results.rows.append(Row(label, "FSDP check", check=f"FAILED: {type(err).__name__}: {err}"))
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()  # the FSDP runs' group (world size 1)
 
 
 def _finding(f: Any) -> dict[str, str]:
@@ -1025,23 +1027,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = Results(env=environment(cfg))
     print(" | ".join(f"{k} {v}" for k, v in results.env.items()), flush=True)
     syncs: dict[str, dict[str, Any]] = {}
-    steps: list[tuple[str, Callable[[], Any]]] = [
-        ("syncs", lambda: syncs.update(count_syncs(cfg, results))),
-        ("mlp", lambda: mlp_section(cfg, results, syncs)),
-        ("archs", lambda: arch_section("resnet50", cfg, results)),
-        ("archs", lambda: arch_section("vit_b_16", cfg, results)),
-        ("fsdp", lambda: fsdp_section(cfg, results)),
+    steps: list[tuple[str, str, Callable[[], Any]]] = [
+        ("syncs", "syncs", lambda: syncs.update(count_syncs(cfg, results))),
+        ("mlp", "mlp", lambda: mlp_section(cfg, results, syncs)),
+        ("archs", "resnet50", lambda: arch_section("resnet50", cfg, results)),
+        ("archs", "vit_b_16", lambda: arch_section("vit_b_16", cfg, results)),
+        ("fsdp", "fsdp", lambda: fsdp_section(cfg, results)),  # last: it leaves a process group and its variables
     ]
-    for section, step in steps:
+    for section, label, step in steps:
         if section not in args.sections:
             continue
         t0 = time.perf_counter()
         try:
             step()
-        except Exception as err:  # keep what the other sections measured: the GPU run happens once
-            results.errors[section] = traceback.format_exc()
-            print(f"section {section} FAILED: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
-        print(f"[{section}: {time.perf_counter() - t0:.1f} s]", flush=True)
+        except Exception:  # keep what the other sections measured: the GPU run happens once
+            results.errors[label] = traceback.format_exc()
+            print(f"section {label} FAILED:\n{results.errors[label]}", file=sys.stderr, flush=True)
+        print(f"[{label}: {time.perf_counter() - t0:.1f} s]", flush=True)
+        write_json(out, results, time.perf_counter() - started)  # so far: a run stopped by its timeout keeps it
 
     if results.claimed:
         results.goals.insert(0, sync_goal(results.claimed))
@@ -1061,13 +1064,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     elapsed = time.perf_counter() - started
     print(f"\n{elapsed:.0f} s in all", flush=True)
 
-    payload = {"env": results.env, "elapsed_s": elapsed, "markdown": table,
+    write_json(out, results, elapsed)
+    print(f"wrote {out}")
+    return 1 if results.errors else 0
+
+
+def write_json(out: Path, results: Results, elapsed: float) -> None:
+    payload = {"env": results.env, "elapsed_s": elapsed, "markdown": markdown(results),
                "rows": [asdict(r) for r in results.rows], "goals": [asdict(g) for g in results.goals],
                "errors": results.errors, "raw": results.raw}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(payload, indent=1, default=str))
-    print(f"wrote {out}")
-    return 1 if results.errors else 0
 
 
 if __name__ == "__main__":
