@@ -920,8 +920,8 @@ def fsdp_section(cfg: Config, results: Results) -> None:
                               "findings": [_finding(f) for f in findings]}
             naive = abs(reference["mean of batch means (the usual loop's loss)"] - reference["val/loss"])
             results.rows.append(Row(label, "mixin `val/loss`, `val/acc` vs a float64 reference over all samples",
-                                    cfg.fsdp_batch, check=f"|d loss| {d_loss:.1e}, |d acc| {d_acc:.1e} (mean of "
-                                    f"batch means: {naive:.1e}): {'exact' if exact else 'NOT exact'}"))
+                                    cfg.fsdp_batch, check=f"loss off by {d_loss:.1e}, acc off by {d_acc:.1e} (the "
+                                    f"mean of batch means: off by {naive:.1e}): {'exact' if exact else 'NOT exact'}"))
             _, fit_findings = run("TrainableMixin", make_strategy, fit=True)
             clean = not findings and not fit_findings
             entry["clean"] = {"validate": [_finding(f) for f in findings],
