@@ -111,7 +111,7 @@ def main() -> None:
         floor: (lambda: bare(model, batches, criterion), floor),
         loss_only: (lambda: bare(model, batches, criterion, count_correct=False), loss_only),
         same_work: (lambda: bare(model, batches, criterion, acc), same_work),
-        "usual hand-written loop: `.item()` x2 per batch, tqdm postfix per batch": (
+        "the usual hand-written loop: `.item()` x2 per batch, tqdm postfix per batch": (
             lambda: usual_loop(model, batches, criterion), floor),
         "`validate(criterion=...)`, bar on": (lambda: validate(model, batches, criterion=criterion), loss_only),
         "`validate(criterion=...)`, `progress=False`": (
