@@ -1,7 +1,8 @@
 """Qualified names: looking through wrappers, walking a module once, glob allowlists, and grouping names.
 
 Names are those of the user's model whether it is compiled, wrapped by DDP, FSDP or activation checkpointing:
-the segments such wrappers insert are removed.
+the segments such wrappers insert are removed. FSDP2's ``fully_shard`` inserts no segment but swaps each sharded
+module's class for a subclass (``FSDPLinear``); ``class_name`` gives the user's class back.
 
 Example:
     >>> import torch
@@ -20,7 +21,7 @@ from collections.abc import Iterable, Sequence
 
 from torch import Tensor, nn
 
-__all__ = ["Globs", "ancestors", "covers", "glob_problem", "group", "named_modules", "unwrap", "walk"]
+__all__ = ["Globs", "ancestors", "class_name", "covers", "glob_problem", "group", "named_modules", "unwrap", "walk"]
 
 #: Attribute segments that wrappers insert into qualified names; removed so that names stay those of the user's
 #: model whether it is compiled, wrapped by FSDP or activation checkpointing.
@@ -49,6 +50,27 @@ def unwrap(model: nn.Module) -> nn.Module:
             break
         model = inner
     return model
+
+
+def class_name(module: nn.Module) -> str:
+    """The name of the user's class of ``module``, also when FSDP2 swapped it for ``FSDP<class>``.
+
+    ``fully_shard`` makes each sharded module an instance of ``type("FSDP" + cls.__name__, (FSDPModule, cls))``;
+    messages name ``Linear``, not ``FSDPLinear``.
+
+    Example:
+        >>> import torch
+        >>> class FSDPModule: ...
+        >>> FSDPLinear = type("FSDPLinear", (FSDPModule, torch.nn.Linear), {})
+        >>> class_name(torch.nn.Linear(1, 1)), class_name(FSDPLinear(1, 1))
+        ('Linear', 'Linear')
+
+    """
+    cls = type(module)
+    bases = cls.__bases__
+    if (len(bases) == 2 and bases[0].__name__ == "FSDPModule" and cls.__name__ == "FSDP" + bases[1].__name__):
+        return bases[1].__name__
+    return cls.__name__
 
 
 def _clean(name: str) -> str:
