@@ -145,6 +145,7 @@ def main() -> None:
     # training, when FSDP2 has just resharded every parameter (the root's stay unsharded after the validation).
     run(kind, out, "clean", "", ModeCheck(on_violation="raise", verbose=False), sanity=1)
     run(kind, out, "bn_train", "bn_train", ModeCheck(on_violation="warn", verbose=False))
+    run(kind, out, "scale_head_rank1_warn", "scale_head_rank1", ModeCheck(on_violation="warn", verbose=False))
     run(kind, out, "scale_head", "scale_head", ModeCheck(on_violation="raise", verbose=False))
     run(kind, out, "scale_head_rank1", "scale_head_rank1", ModeCheck(on_violation="raise", verbose=False))
 

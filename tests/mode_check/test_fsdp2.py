@@ -2,7 +2,8 @@
 
 The strategy launches its workers by re-running the command, so the scenarios run as a standalone script
 (``sharded_scenarios.py``), in one launch: a clean model, a BatchNorm left in train mode, an in-place write to the
-head's sharded parameters in ``validation_step`` on every rank, then on rank 1 only. The same tests run with
+head's sharded parameters in ``validation_step`` on rank 1 only (``"warn"``), on every rank, and on rank 1 only
+(``"raise"``). The same tests run with
 Lightning's ``FSDPStrategy`` (FSDP1) where CUDA is available. References are computed here with sklearn, from the
 logits of the whole data under the full weights the script gathered from the shards.
 """
@@ -101,4 +102,14 @@ def test_one_rank_shard_changing_stops_every_rank(results: dict[str, list[dict[s
     if len(ranks) < 2:
         pytest.skip("one process: there is no rank 1")
     assert ranks[1]["error"].startswith("LV201 parameter changed by evaluation: `head` at validate/on_validation_end")
-    assert ranks[0]["error"].startswith("ModeCheck: another rank reported a finding at on_validation_end")
+    assert ranks[0]["error"].startswith(
+        "ModeCheck: another rank reported a finding at on_validation_end; this rank stops with it. Rank 1: LV201 "
+        "parameter changed by evaluation: `head` at validate/on_validation_end")
+
+
+def test_one_rank_shard_changing_is_reported_by_every_rank(results: dict[str, list[dict[str, Any]]]) -> None:
+    ranks = results["scale_head_rank1_warn"]
+    if len(ranks) < 2:
+        pytest.skip("one process: there is no rank 1")
+    for r in ranks:  # rank zero, whose shard did not change, prints and records rank 1's finding
+        assert r["error"] == "" and r["findings"] == [["LV201", "head"]]
