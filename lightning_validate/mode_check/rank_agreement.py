@@ -40,7 +40,9 @@ def share_findings(mine: Sequence[Finding]) -> list[tuple[int, Finding]]:
     return out
 
 
-def agreed_error(mine: Sequence[Finding], shared: Sequence[tuple[int, Finding]], boundary: str) -> ModeCheckError | None:
+def agreed_error(
+    mine: Sequence[Finding], shared: Sequence[tuple[int, Finding]], boundary: str
+) -> ModeCheckError | None:
     """The error this rank raises when any rank has a finding (``on_violation="raise"``), else ``None``.
 
     A rank with findings of its own raises them; the others raise the first rank's first finding, named as such.

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 import torch
 
+Results = dict[str, list[dict[str, Any]]]
 SCRIPT = Path(__file__).with_name("sharded_scenarios.py")
 ROOT = Path(__file__).parents[2]
 
@@ -33,7 +34,7 @@ STRATEGIES = [
 
 
 @pytest.fixture(scope="module", params=STRATEGIES)
-def results(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[str, Any]]]:
+def results(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Results:
     """Run every scenario once per strategy; ``{scenario: [rank 0's result, rank 1's result, ...]}``."""
     out = tmp_path_factory.mktemp(request.param)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
@@ -62,12 +63,12 @@ def reference(result: dict[str, Any], duplicate_first: bool = False) -> dict[str
             "acc": accuracy_score(target.numpy(), prob.argmax(1))}
 
 
-def test_clean_model_has_no_findings(results: dict[str, list[dict[str, Any]]]) -> None:
+def test_clean_model_has_no_findings(results: Results) -> None:
     for r in results["clean"]:
         assert r["error"] == "" and r["findings"] == []
 
 
-def test_exact_values_with_padding(results: dict[str, list[dict[str, Any]]]) -> None:
+def test_exact_values_with_padding(results: Results) -> None:
     ranks = results["clean"]
     ref = reference(ranks[0])
     for r in ranks:
@@ -79,7 +80,7 @@ def test_exact_values_with_padding(results: dict[str, list[dict[str, Any]]]) -> 
         assert abs(ranks[0]["logged"]["val/loss"] - naive["loss"]) > 1e-4  # counting the repeat would show
 
 
-def test_batchnorm_in_train_mode_is_reported_on_every_rank(results: dict[str, list[dict[str, Any]]]) -> None:
+def test_batchnorm_in_train_mode_is_reported_on_every_rank(results: Results) -> None:
     for r in results["bn_train"]:
         assert r["findings"] == [["LV101", "norm"], ["LV202", "norm"]]
         assert r["messages"][0].startswith(
@@ -89,7 +90,7 @@ def test_batchnorm_in_train_mode_is_reported_on_every_rank(results: dict[str, li
 
 
 def test_in_place_write_to_sharded_parameters_is_lv201_on_every_rank(
-        results: dict[str, list[dict[str, Any]]]) -> None:
+        results: Results) -> None:
     for r in results["scale_head"]:
         assert r["findings"] == [["LV201", "head"]]
         assert r["error"].startswith("LV201 parameter changed by evaluation: `head` at validate/on_validation_end: "
@@ -97,7 +98,7 @@ def test_in_place_write_to_sharded_parameters_is_lv201_on_every_rank(
         assert "FSDP" not in r["error"] and "_fsdp" not in r["error"]
 
 
-def test_one_rank_shard_changing_stops_every_rank(results: dict[str, list[dict[str, Any]]]) -> None:
+def test_one_rank_shard_changing_stops_every_rank(results: Results) -> None:
     ranks = results["scale_head_rank1"]
     if len(ranks) < 2:
         pytest.skip("one process: there is no rank 1")
@@ -107,7 +108,7 @@ def test_one_rank_shard_changing_stops_every_rank(results: dict[str, list[dict[s
         "parameter changed by evaluation: `head` at validate/on_validation_end")
 
 
-def test_one_rank_shard_changing_is_reported_by_every_rank(results: dict[str, list[dict[str, Any]]]) -> None:
+def test_one_rank_shard_changing_is_reported_by_every_rank(results: Results) -> None:
     ranks = results["scale_head_rank1_warn"]
     if len(ranks) < 2:
         pytest.skip("one process: there is no rank 1")
