@@ -19,6 +19,8 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+from torchmetrics import Metric
+from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_validate import ModeCheck, ModeCheckError, ValidationMixin
 
@@ -77,16 +79,36 @@ class Net(ValidationMixin, pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
+class SampleCount(Metric):
+    """How many samples the metric was given, summed over the ranks it syncs with: each sample counts once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("n", torch.tensor(0), dist_reduce_fx="sum")
+
+    def update(self, outputs: torch.Tensor, target: torch.Tensor) -> None:
+        self.n += target.numel()
+
+    def compute(self) -> torch.Tensor:
+        return self.n
+
+
+class CountingNet(Net):
+    def configure_metrics(self) -> dict[str, Metric]:
+        return {"acc": MulticlassAccuracy(3, average="micro"), "n": SampleCount()}
+
+
 def data() -> TensorDataset:
     g = torch.Generator().manual_seed(0)
     return TensorDataset(torch.randn(N_SAMPLES, 8, generator=g), torch.randint(0, 3, (N_SAMPLES,), generator=g))
 
 
 def strategy(kind: str) -> tuple[Any, str, int]:
-    if kind == "fsdp2":
+    if kind in ("fsdp2", "tp2"):
         from lightning.pytorch.strategies import ModelParallelStrategy
 
-        return (ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1, process_group_backend="gloo"),
+        dp, tp = (2, 1) if kind == "fsdp2" else (1, 2)  # tp2: both ranks in one tensor-parallel group, same samples
+        return (ModelParallelStrategy(data_parallel_size=dp, tensor_parallel_size=tp, process_group_backend="gloo"),
                 "cpu", 2)
     from lightning.pytorch.strategies import FSDPStrategy
 
@@ -112,14 +134,15 @@ def full_logits(trainer: pl.Trainer, model: Net) -> list[list[float]]:
         return plain(data().tensors[0]).double().tolist()
 
 
-def run(kind: str, out: Path, scenario: str, bug: str, check: ModeCheck, sanity: int = 0) -> None:
+def run(kind: str, out: Path, scenario: str, bug: str, check: ModeCheck, sanity: int = 0, model: Net | None = None
+        ) -> None:
     strat, accelerator, devices = strategy(kind)
     trainer = pl.Trainer(
         accelerator=accelerator, devices=devices, strategy=strat, max_epochs=1, limit_train_batches=2,
         num_sanity_val_steps=sanity, callbacks=[check], logger=False, enable_checkpointing=False,
         enable_model_summary=False, enable_progress_bar=False, default_root_dir=str(out),
     )
-    model = Net(bug)
+    model = model or Net(bug)
     error = ""
     try:
         trainer.fit(model, DataLoader(data(), batch_size=BATCH), DataLoader(data(), batch_size=BATCH))
@@ -145,6 +168,8 @@ def main() -> None:
     # training, when FSDP2 has just resharded every parameter (the root's stay unsharded after the validation).
     run(kind, out, "clean", "", ModeCheck(on_violation="raise", verbose=False), sanity=1)
     run(kind, out, "bn_train", "bn_train", ModeCheck(on_violation="warn", verbose=False))
+    if kind == "fsdp2":  # the same model, its blocks sharded over a data-parallel mesh of size 1
+        run("tp2", out, "tp2", "", ModeCheck(on_violation="raise", verbose=False), model=CountingNet())
     run(kind, out, "scale_head_rank1_warn", "scale_head_rank1", ModeCheck(on_violation="warn", verbose=False))
     run(kind, out, "scale_head", "scale_head", ModeCheck(on_violation="raise", verbose=False))
     run(kind, out, "scale_head_rank1", "scale_head_rank1", ModeCheck(on_violation="raise", verbose=False))

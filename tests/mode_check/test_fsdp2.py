@@ -114,3 +114,17 @@ def test_one_rank_shard_changing_is_reported_by_every_rank(results: Results) -> 
         pytest.skip("one process: there is no rank 1")
     for r in ranks:  # rank zero, whose shard did not change, prints and records rank 1's finding
         assert r["error"] == "" and r["findings"] == [["LV201", "head"]]
+
+
+def test_tensor_parallel_ranks_count_their_samples_once(results: Results) -> None:
+    # ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=2): both ranks see all 35 samples; the values
+    # are summed over the data-parallel replicas (one), not over the world (two).
+    if "tp2" not in results:
+        pytest.skip("tensor parallelism runs with ModelParallelStrategy only")
+    ranks = results["tp2"]
+    ref = reference(ranks[0])
+    for r in ranks:
+        assert r["error"] == "" and r["findings"] == []
+        assert r["logged"]["val/n"] == 35
+        assert r["logged"]["val/loss"] == pytest.approx(ref["loss"], abs=1e-6)
+        assert r["logged"]["val/acc"] == pytest.approx(ref["acc"], abs=1e-6)
