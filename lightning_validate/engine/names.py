@@ -27,6 +27,9 @@ __all__ = ["Globs", "ancestors", "class_name", "covers", "glob_problem", "group"
 #: model whether it is compiled, wrapped by FSDP or activation checkpointing.
 _WRAPPER_SEGMENTS = frozenset({"_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"})
 
+#: The attribute of FSDP1's flat parameter, which holds all the parameters of a wrapped module.
+_FLAT_PARAM = "_flat_param"
+
 
 def unwrap(model: nn.Module) -> nn.Module:
     """Return the user's module inside ``torch.compile``, DDP/DataParallel and framework wrappers.
@@ -91,7 +94,8 @@ def named_modules(model: nn.Module) -> dict[str, nn.Module]:
 def walk(model: nn.Module) -> tuple[dict[str, nn.Module], list[tuple[str, Tensor]], list[tuple[str, Tensor]]]:
     """Submodules, parameters and buffers in one walk (three ``named_*`` walks cost three times as much).
 
-    Shared parameters and buffers are listed once, under their first name, as ``named_parameters()`` does.
+    Shared parameters and buffers are listed once, under their first name, as ``named_parameters()`` does. FSDP1's
+    flat parameter (``use_orig_params=False``) holds every parameter of its unit: it is named by the unit's module.
     """
     modules = named_modules(model)
     params: list[tuple[str, Tensor]] = []
@@ -105,7 +109,7 @@ def walk(model: nn.Module) -> tuple[dict[str, nn.Module], list[tuple[str, Tensor
                     i = id(t)
                     if i not in seen:
                         seen.add(i)
-                        out.append((prefix + key, t))
+                        out.append((name if key == _FLAT_PARAM else prefix + key, t))
     return modules, params, buffers
 
 

@@ -119,3 +119,38 @@ def test_a_plain_model_pays_no_dtensor_import() -> None:
             "take_snapshot(torch.nn.Linear(2, 2)); print('torch.distributed.tensor' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+@pytest.fixture
+def gloo_group() -> Iterator[None]:
+    dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{_free_port()}")
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("use_orig_params", [True, False])
+@pytest.mark.filterwarnings("ignore:.*FSDP.*:UserWarning", "ignore:.*FSDP.*:FutureWarning")
+def test_fsdp1_units_are_named_by_the_users_modules(gloo_group: None, use_orig_params: bool) -> None:
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    torch.manual_seed(0)
+    bare = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    model = FullyShardedDataParallel(
+        bare, device_id=torch.device("cpu"), use_orig_params=use_orig_params,
+        auto_wrap_policy=lambda module, recurse, nonwrapped_numel: recurse or isinstance(module, nn.Linear))
+    model.eval()
+    before = take_snapshot(model)
+    assert before.types == {"": "Sequential", "0": "Linear", "1": "BatchNorm1d", "2": "Linear"}
+    expected = (["0.weight", "0.bias", "1.weight", "1.bias", "2.weight", "2.bias"] if use_orig_params
+                else ["", "0", "2"])  # each flat parameter is named by its unit; the root's holds the BatchNorm's
+    assert sorted(before.requires_grad) == sorted(expected)
+    with torch.no_grad():
+        model(torch.randn(3, 4))
+        assert compare(before, take_snapshot(model), phase="evaluating", modes=False) == []
+        for name, p in model.named_parameters():  # the last Linear's weight, or its unit's flat parameter
+            if ".2._fsdp_wrapped_module." in name and name.endswith(("weight", "_flat_param")):
+                p.mul_(0.5)
+    found = compare(before, take_snapshot(model), phase="evaluating", modes=False)
+    assert _codes(found) == [("LV201", "2.weight" if use_orig_params else "2")]
