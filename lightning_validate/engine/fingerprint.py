@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Fingerprint", "dtensor_type", "same", "to_host"]
+__all__ = ["Fingerprint", "dtensor_type", "is_sharded", "same", "to_host"]
 
 
 #: Elements per stacked block on the CPU: below torch's intra-op grain size (32768), so that each reduction runs on
@@ -139,7 +139,7 @@ class Fingerprint:
         by_device: dict[torch.device, tuple[list[int], list[Tensor]]] = {}
         dtensor = dtensor_type()
         for kind, name, t in named:
-            if dtensor is not None and isinstance(t, dtensor):
+            if is_sharded(t, dtensor):
                 with torch.no_grad():
                     t = t.to_local()  # type: ignore[attr-defined]
                 sharded[(kind, name)] = tuple(t.shape)
@@ -190,6 +190,15 @@ def to_host(fingerprints: Sequence[Fingerprint]) -> None:
             for key in keys:
                 s, n = next(values)
                 host[key] = (s, n)
+
+
+#: The types of nearly every tensor in a model: an identity test rules them out faster than ``isinstance(t, DTensor)``.
+_PLAIN = frozenset({torch.Tensor, nn.Parameter})
+
+
+def is_sharded(t: Tensor, dtensor: type | None) -> bool:
+    """Whether ``t`` is a ``DTensor`` (``dtensor``, from ``dtensor_type()``)."""
+    return dtensor is not None and type(t) not in _PLAIN and isinstance(t, dtensor)
 
 
 def dtensor_type() -> type | None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from lightning_validate.engine.fingerprint import Fingerprint, dtensor_type
+from lightning_validate.engine.fingerprint import Fingerprint, dtensor_type, is_sharded
 from lightning_validate.engine.names import class_name, unwrap, walk
 from lightning_validate.findings import display_name
 
@@ -94,7 +94,7 @@ def take_snapshot(model: nn.Module, *, content: bool = True, grads: bool = True)
     requires_grad = {n: bool(p.requires_grad) for n, p in params}
     has_grad = {n: p.grad is not None for n, p in params} if grads else None
     dtensor = dtensor_type()
-    sharded = frozenset(n for n, p in params if isinstance(p, dtensor)) if dtensor is not None else frozenset()
+    sharded = frozenset(n for n, p in params if is_sharded(p, dtensor)) if dtensor is not None else frozenset()
     fp = None
     if content:
         named: list[tuple[str, str, Tensor]] = [("param", n, p) for n, p in params]
