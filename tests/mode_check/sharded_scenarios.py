@@ -120,8 +120,9 @@ def full_logits(trainer: pl.Trainer, model: Net) -> list[list[float]]:
     if os.environ.get("LV_SCENARIO_STRATEGY") == "fsdp1":
         from torch.distributed.fsdp import FullyShardedDataParallel
 
+        # Inside `summon_full_params` the original parameters are whole; a state dict would summon them again.
         with FullyShardedDataParallel.summon_full_params(trainer.model, writeback=False):
-            raw = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            raw = {k: v.detach().clone() for k, v in [*model.named_parameters(), *model.named_buffers()]}
     else:  # FSDP2's state dict holds DTensors: `full_tensor()` gathers each (a collective, on every rank)
         raw = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in model.state_dict().items()}
     state = {".".join(p for p in k.split(".") if p != "_fsdp_wrapped_module"): v.detach().cpu()
