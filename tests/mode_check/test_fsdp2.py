@@ -39,7 +39,7 @@ def results(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
     out = tmp_path_factory.mktemp(request.param)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run([sys.executable, str(SCRIPT), str(out), request.param], cwd=out, env=env,
-                          capture_output=True, text=True, timeout=240)
+                          capture_output=True, text=True, timeout=150)  # a hang fails here
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     found: dict[str, list[dict[str, Any]]] = {}
     for path in sorted(out.glob("*-*.json")):
