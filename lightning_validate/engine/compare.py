@@ -153,6 +153,11 @@ def _compare_content(before: Snapshot, after: Snapshot, buffers_allowed: Globs |
     if before._fingerprint is not None and after._fingerprint is not None:
         to_host([before._fingerprint, after._fingerprint])  # one synchronization per device for both
     fb, fa = before.fingerprints(), after.fingerprints()
+    if before._fingerprint is not None and after._fingerprint is not None and (
+            before._fingerprint.sharded or after._fingerprint.sharded):
+        # A shard against the whole tensor (FSDP2 unshards around a forward) is not a change: leave such keys out.
+        pb, pa = before._fingerprint, after._fingerprint
+        fa = {k: v for k, v in fa.items() if pb.comparable(pa, k)}
     kinds = [("param", "LV201")] + ([("buffer", "LV202")] if buffers_allowed is not None else [])
     for kind, code in kinds:
         keys = [n for k, n in fb if k == kind]
@@ -178,7 +183,8 @@ def _compare_content(before: Snapshot, after: Snapshot, buffers_allowed: Globs |
 def _compare_grads(before: Snapshot, after: Snapshot, fb: dict[tuple[str, str], tuple[float, float]],
                    fa: dict[tuple[str, str], tuple[float, float]], report: _Report) -> None:
     assert before.has_grad is not None and after.has_grad is not None
-    names = [n for n in before.has_grad if n in after.has_grad]
+    # FSDP2's whole (unsharded) parameters have no `.grad`; their shards keep it: compare equal layouts only.
+    names = [n for n in before.has_grad if n in after.has_grad and (n in before.sharded) == (n in after.sharded)]
     changed = []
     for n in names:
         b, a = fb.get(("grad", n)), fa.get(("grad", n))

@@ -4,6 +4,10 @@ The fingerprint is computed from the values, not from ``tensor._version``: write
 BatchNorm running-stat updates do not bump version counters. It stays on the tensors' device until two snapshots
 are compared; ``to_host`` then copies several fingerprints to the host at once, one synchronization per device.
 
+Sharded tensors (``DTensor``: FSDP2's ``fully_shard``, tensor parallelism) are fingerprinted by their local shard
+(``to_local()``): what this rank holds and can change, read without a collective. A rank's verdict covers its own
+shard; agreeing across ranks is the adapters' work.
+
 Example:
     >>> import torch
     >>> fp = Fingerprint.of([("param", "w", torch.tensor([3.0, 4.0]))])
@@ -15,13 +19,14 @@ Example:
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Fingerprint", "same", "to_host"]
+__all__ = ["Fingerprint", "dtensor_type", "is_sharded", "same", "to_host"]
 
 
 #: Elements per stacked block on the CPU: below torch's intra-op grain size (32768), so that each reduction runs on
@@ -118,6 +123,8 @@ class Fingerprint:
 
     keys: list[tuple[str, str]] = field(default_factory=list)  # (kind, name); kind: param, buffer, grad
     integral: set[tuple[str, str]] = field(default_factory=set)  # keys whose second value is a positional sum
+    #: Keys of sharded tensors (``DTensor``), fingerprinted by their local shard, with the shard's shape.
+    sharded: dict[tuple[str, str], tuple[int, ...]] = field(default_factory=dict)
     _device_rows: list[tuple[list[int], Tensor]] = field(default_factory=list)
     _host: dict[tuple[str, str], tuple[float, float]] | None = None
 
@@ -128,8 +135,14 @@ class Fingerprint:
         # as the reductions.
         keys: list[tuple[str, str]] = []
         integral: set[tuple[str, str]] = set()
+        sharded: dict[tuple[str, str], tuple[int, ...]] = {}
         by_device: dict[torch.device, tuple[list[int], list[Tensor]]] = {}
+        dtensor = dtensor_type()
         for kind, name, t in named:
+            if is_sharded(t, dtensor):
+                with torch.no_grad():
+                    t = t.to_local()  # type: ignore[attr-defined]
+                sharded[(kind, name)] = tuple(t.shape)
             if not _fingerprintable(t):
                 continue
             if not (t.is_floating_point() or t.is_complex()):
@@ -141,9 +154,18 @@ class Fingerprint:
             entry[0].append(len(keys))
             entry[1].append(t)
             keys.append((kind, name))
-        fp = cls(keys=keys, integral=integral)
+        fp = cls(keys=keys, integral=integral, sharded=sharded)
         fp._device_rows = [(idx, _fingerprint_rows(tensors)) for idx, tensors in by_device.values()]
         return fp
+
+    def comparable(self, other: Fingerprint, key: tuple[str, str]) -> bool:
+        """Whether ``key`` holds the same layout in both: both whole tensors, or both shards of the same shape.
+
+        FSDP2 swaps a module's sharded parameters for whole (unsharded) ones around its forward; the root module keeps
+        them unsharded after a forward without backward (evaluation). A shard and the whole tensor are different
+        values of one unchanged parameter: not comparable, so not reported.
+        """
+        return self.sharded.get(key) == other.sharded.get(key)
 
     def values(self) -> dict[tuple[str, str], tuple[float, float]]:
         """Host copy of every fingerprint: one device-to-host copy (one synchronization) per device, once."""
@@ -170,14 +192,30 @@ def to_host(fingerprints: Sequence[Fingerprint]) -> None:
                 host[key] = (s, n)
 
 
+#: The types of nearly every tensor in a model: an identity test rules them out faster than ``isinstance(t, DTensor)``.
+_PLAIN = frozenset({torch.Tensor, nn.Parameter})
+
+
+def is_sharded(t: Tensor, dtensor: type | None) -> bool:
+    """Whether ``t`` is a ``DTensor`` (``dtensor``, from ``dtensor_type()``)."""
+    return dtensor is not None and type(t) not in _PLAIN and isinstance(t, dtensor)
+
+
+def dtensor_type() -> type | None:
+    """``torch.distributed.tensor.DTensor`` when that module is loaded, else ``None``.
+
+    No ``DTensor`` exists before its module is imported, so nothing is imported here: a model without sharding
+    pays one dictionary lookup, and a build of torch without ``torch.distributed`` works as well.
+    """
+    module = sys.modules.get("torch.distributed.tensor")
+    cls = getattr(module, "DTensor", None)
+    return cls if isinstance(cls, type) else None
+
+
 def _fingerprintable(t: Tensor) -> bool:
     # Lazy modules' uninitialized tensors and meta tensors have no values; sparse and quantized ones are rare
     # enough in models that skipping them beats special-casing their reductions.
-    if nn.parameter.is_lazy(t) or t.is_meta or t.layout != torch.strided or t.is_quantized:
-        return False
-    # Sharded tensors (DTensor) would need a collective to read; their local shard is what this rank can change.
-    to_local = getattr(t, "to_local", None)
-    return not (callable(to_local) and type(t).__name__ == "DTensor")
+    return not (nn.parameter.is_lazy(t) or t.is_meta or t.layout != torch.strided or t.is_quantized)
 
 
 def same(a: tuple[float, float], b: tuple[float, float]) -> bool:

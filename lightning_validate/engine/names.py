@@ -1,7 +1,8 @@
 """Qualified names: looking through wrappers, walking a module once, glob allowlists, and grouping names.
 
 Names are those of the user's model whether it is compiled, wrapped by DDP, FSDP or activation checkpointing:
-the segments such wrappers insert are removed.
+the segments such wrappers insert are removed. FSDP2's ``fully_shard`` inserts no segment but swaps each sharded
+module's class for a subclass (``FSDPLinear``); ``class_name`` gives the user's class back.
 
 Example:
     >>> import torch
@@ -20,11 +21,14 @@ from collections.abc import Iterable, Sequence
 
 from torch import Tensor, nn
 
-__all__ = ["Globs", "ancestors", "covers", "glob_problem", "group", "named_modules", "unwrap", "walk"]
+__all__ = ["Globs", "ancestors", "class_name", "covers", "glob_problem", "group", "named_modules", "unwrap", "walk"]
 
 #: Attribute segments that wrappers insert into qualified names; removed so that names stay those of the user's
 #: model whether it is compiled, wrapped by FSDP or activation checkpointing.
 _WRAPPER_SEGMENTS = frozenset({"_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"})
+
+#: The attribute of FSDP1's flat parameter, which holds all the parameters of a wrapped module.
+_FLAT_PARAM = "_flat_param"
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -51,6 +55,27 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
+def class_name(module: nn.Module) -> str:
+    """The name of the user's class of ``module``, also when FSDP2 swapped it for ``FSDP<class>``.
+
+    ``fully_shard`` makes each sharded module an instance of ``type("FSDP" + cls.__name__, (FSDPModule, cls))``;
+    messages name ``Linear``, not ``FSDPLinear``.
+
+    Example:
+        >>> import torch
+        >>> class FSDPModule: ...
+        >>> FSDPLinear = type("FSDPLinear", (FSDPModule, torch.nn.Linear), {})
+        >>> class_name(torch.nn.Linear(1, 1)), class_name(FSDPLinear(1, 1))
+        ('Linear', 'Linear')
+
+    """
+    cls = type(module)
+    bases = cls.__bases__
+    if (len(bases) == 2 and bases[0].__name__ == "FSDPModule" and cls.__name__ == "FSDP" + bases[1].__name__):
+        return bases[1].__name__
+    return cls.__name__
+
+
 def _clean(name: str) -> str:
     if "_orig_mod" not in name and "_wrapped_module" not in name:  # the common case, checked cheaply
         return name
@@ -69,7 +94,8 @@ def named_modules(model: nn.Module) -> dict[str, nn.Module]:
 def walk(model: nn.Module) -> tuple[dict[str, nn.Module], list[tuple[str, Tensor]], list[tuple[str, Tensor]]]:
     """Submodules, parameters and buffers in one walk (three ``named_*`` walks cost three times as much).
 
-    Shared parameters and buffers are listed once, under their first name, as ``named_parameters()`` does.
+    Shared parameters and buffers are listed once, under their first name, as ``named_parameters()`` does. FSDP1's
+    flat parameter (``use_orig_params=False``) holds every parameter of its unit: it is named by the unit's module.
     """
     modules = named_modules(model)
     params: list[tuple[str, Tensor]] = []
@@ -83,7 +109,7 @@ def walk(model: nn.Module) -> tuple[dict[str, nn.Module], list[tuple[str, Tensor
                     i = id(t)
                     if i not in seen:
                         seen.add(i)
-                        out.append((prefix + key, t))
+                        out.append((name if key == _FLAT_PARAM else prefix + key, t))
     return modules, params, buffers
 
 

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from lightning_validate.engine.fingerprint import Fingerprint
-from lightning_validate.engine.names import unwrap, walk
+from lightning_validate.engine.fingerprint import Fingerprint, dtensor_type, is_sharded
+from lightning_validate.engine.names import class_name, unwrap, walk
 from lightning_validate.findings import display_name
 
 __all__ = ["Snapshot", "give_back", "initialised_buffers", "take_snapshot"]
@@ -33,6 +33,8 @@ class Snapshot:
         inference_mode: ``torch.is_inference_mode_enabled()`` when taken.
         requires_grad: parameter name -> ``requires_grad``.
         has_grad: parameter name -> whether ``.grad`` was set (``None`` when grads were not recorded).
+        sharded: names of the parameters that were sharded (``DTensor``) when taken. FSDP2 swaps them for whole
+            tensors, without ``.grad``, around a forward: their ``.grad`` is compared only between equal layouts.
         buffer_shapes: buffer name -> shape (recorded with content), to tell initialisation from a change.
 
     """
@@ -43,6 +45,7 @@ class Snapshot:
     inference_mode: bool
     requires_grad: dict[str, bool]
     has_grad: dict[str, bool] | None
+    sharded: frozenset[str] = frozenset()
     _fingerprint: Fingerprint | None = None
     buffer_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
@@ -64,8 +67,9 @@ class Snapshot:
 def take_snapshot(model: nn.Module, *, content: bool = True, grads: bool = True) -> Snapshot:
     """Record a module's modes, grad mode, ``requires_grad`` flags and (optionally) content fingerprints.
 
-    Wrappers (``torch.compile``, DDP, Lightning's strategy wrappers) are looked through, and wrapper segments are
-    removed from names, so snapshots of the wrapped and the bare model compare equal.
+    Wrappers (``torch.compile``, DDP, FSDP, Lightning's strategy wrappers) are looked through, and wrapper segments
+    are removed from names, so snapshots of the wrapped and the bare model compare equal. Sharded parameters and
+    buffers (``DTensor``) are fingerprinted by this rank's local shard.
 
     Args:
         model: the module to record.
@@ -88,9 +92,11 @@ def take_snapshot(model: nn.Module, *, content: bool = True, grads: bool = True)
         )
     modules, params, buffers = walk(unwrap(model))
     modes = {n: bool(m.training) for n, m in modules.items()}
-    types = {n: type(m).__name__ for n, m in modules.items()}
+    types = {n: class_name(m) for n, m in modules.items()}
     requires_grad = {n: bool(p.requires_grad) for n, p in params}
     has_grad = {n: p.grad is not None for n, p in params} if grads else None
+    dtensor = dtensor_type()
+    sharded = frozenset(n for n, p in params if is_sharded(p, dtensor)) if dtensor is not None else frozenset()
     fp = None
     if content:
         named: list[tuple[str, str, Tensor]] = [("param", n, p) for n, p in params]
@@ -106,6 +112,7 @@ def take_snapshot(model: nn.Module, *, content: bool = True, grads: bool = True)
         inference_mode=torch.is_inference_mode_enabled(),
         requires_grad=requires_grad,
         has_grad=has_grad,
+        sharded=sharded,
         _fingerprint=fp,
         buffer_shapes=shapes,
     )

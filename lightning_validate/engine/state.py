@@ -18,7 +18,16 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from lightning_validate.engine.names import Globs, ancestors, covers, group, named_modules, unwrap, walk
+from lightning_validate.engine.names import (
+    Globs,
+    ancestors,
+    class_name,
+    covers,
+    group,
+    named_modules,
+    unwrap,
+    walk,
+)
 from lightning_validate.findings import Finding, display_name, make_finding
 
 __all__ = ["ModeIndex", "check_eval_state", "check_train_state"]
@@ -49,7 +58,7 @@ class ModeIndex:
         by_name = named_modules(self.model)
         self.names = list(by_name)
         self.modules = list(by_name.values())
-        self.types = {n: type(m).__name__ for n, m in by_name.items()}
+        self.types = {n: class_name(m) for n, m in by_name.items()}
         self.by_name = by_name
         #: The submodules checked for eval mode: every one but the allowlisted.
         self.checked = [(n, m) for n, m in by_name.items() if not allowed.covers(n)]

@@ -136,8 +136,9 @@ class ValidationMixin(_Base):
     ``trainer.validate()``/``trainer.test()`` runs (those return their values). The metric clones are registered
     as ``self.lv_metrics["val_0"]["acc"]`` (stage and dataloader index), created in ``setup``.
 
-    Under DDP, each rank counts only the samples its ``DistributedSampler`` does not repeat (the sampler Lightning
-    injects, or your own); with any other sampler nothing is removed. The running values on the bar are rank 0's
+    Under DDP, FSDP and ``ModelParallelStrategy``, each rank counts only the samples its ``DistributedSampler`` does
+    not repeat (the sampler Lightning injects, or your own); with any other sampler nothing is removed. With tensor
+    parallelism the values are summed over the data-parallel replicas only. The running values on the bar are rank 0's
     own; the logged values cover all ranks. ``drop_last=True`` drops samples here as on one process.
 
     Class attributes you may set:
@@ -456,12 +457,15 @@ class ValidationMixin(_Base):
             and type(criterion) in (nn.CrossEntropyLoss, nn.NLLLoss)
         )
         epoch = _Epoch(loaders=[], check_default=state.default_in_use and use_metrics)
+        group = _data_parallel_group(self.trainer.strategy)
         for i, dl in enumerate(loaders):
             container = self._lv_container(stage, i, register=False)
             with torch.inference_mode(False):  # fresh states that a later `fit` can update in place
                 for metric in container.values():
                     if isinstance(metric, Metric):
                         metric.reset()
+                        if group is not None and metric.process_group is None:
+                            metric.process_group = group  # a tensor-parallel group sees the same samples
             suffix = "" if len(loaders) == 1 else f"/{names[i]}" if names else f"/dataloader_idx_{i}"
             epoch.loaders.append(
                 _Loader(
@@ -497,9 +501,11 @@ class ValidationMixin(_Base):
         )
         extremes = torch.stack([_target_extremes(ld, device) for ld in loaders])
         if trainer.world_size > 1:
-            # Sums of sums and counts: exact. One collective for all dataloaders, plus one for the extremes.
-            sums = trainer.strategy.reduce(sums, reduce_op="sum")
-            extremes = trainer.strategy.reduce(extremes, reduce_op="max")
+            # Sums of sums and counts: exact. One collective for all dataloaders, plus one for the extremes. Over
+            # the data-parallel replicas only: the ranks of one tensor-parallel group saw the same samples.
+            group = _data_parallel_group(trainer.strategy)
+            sums = trainer.strategy.reduce(sums, group=group, reduce_op="sum")
+            extremes = trainer.strategy.reduce(extremes, group=group, reduce_op="max")
         rows = sums.tolist()
         ext = extremes.tolist()
         problems: list[str] = []
@@ -668,6 +674,25 @@ def _outside_epoch(stage: str, dataloader_idx: int, open_: bool) -> str:
         f"`update_metrics({stage!r}, ...)` ran outside a {hook} epoch the mixin saw start. If you override "
         f"`on_{hook}_epoch_start`, call `super().on_{hook}_epoch_start()` in it."
     )
+
+
+def _data_parallel_group(strategy: object) -> Any:
+    """The process group of the data-parallel replicas when it is not the whole world, else ``None`` (the world).
+
+    ``ModelParallelStrategy`` with tensor parallelism gives every rank of a tensor-parallel group the same samples
+    (its sampler's ``num_replicas`` is the data-parallel size): summing over the world would count each sample once
+    per tensor-parallel rank.
+    """
+    try:
+        mesh = getattr(strategy, "device_mesh", None)  # ModelParallelStrategy's, once set up
+    except RuntimeError:  # accessed before the strategy set it up
+        return None
+    if mesh is None or "data_parallel" not in (getattr(mesh, "mesh_dim_names", None) or ()):
+        return None
+    data_parallel = mesh["data_parallel"]
+    if data_parallel.size() == mesh.size():
+        return None
+    return data_parallel.get_group()
 
 
 def _on(suffix: str) -> str:

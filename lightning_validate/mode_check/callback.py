@@ -46,6 +46,7 @@ from lightning_validate.mode_check.arguments import parse_arguments
 from lightning_validate.mode_check.evaluation import EvalRun
 from lightning_validate.mode_check.hook_wrapping import HookWrappers, is_lightning_readonly, trusted_callback_types
 from lightning_validate.mode_check.metric_tracking import MetricTracker
+from lightning_validate.mode_check.rank_agreement import agreed_error, share_findings
 from lightning_validate.mode_check.report import RunReport, log_summary
 from lightning_validate.stages import RunningStage, evaluation_stages, hook_word
 
@@ -67,8 +68,9 @@ class ModeCheck(Callback):
 
     Each finding carries the submodule's qualified name and the fix. With ``on_violation="warn"`` each distinct
     finding is warned once (``ModeCheckWarning``, rank zero only); with ``"raise"`` the first one raises
-    ``ModeCheckError``. Under DDP every rank checks its own model; with ``"raise"`` the ranks agree on the verdict at
-    each evaluation end and each training epoch end, so all of them raise together and none is left waiting.
+    ``ModeCheckError``. Under DDP and FSDP every rank checks its own model (its own shard of each sharded parameter)
+    and the ranks agree on the verdict at each evaluation end and each training epoch end: a finding of one rank is
+    reported by all, with ``"raise"`` all of them raise together and none is left waiting.
 
     When an exception interrupts an evaluation (``KeyboardInterrupt`` included), ``ModeCheck`` gives the model back
     as it was before that evaluation: each submodule's own mode, the ``requires_grad`` flags and the grad mode.
@@ -312,7 +314,7 @@ class ModeCheck(Callback):
     # ----------------------------------------------------------------------------------------------------------
     # Reporting
 
-    def _report(self, findings: Sequence[Finding]) -> None:
+    def _report(self, findings: Sequence[Finding], shared: bool = False) -> None:
         for f in findings:
             if f.code in self.ignore:
                 continue
@@ -322,6 +324,8 @@ class ModeCheck(Callback):
             if not known:
                 self.findings.append(f)
             if self.policy is Policy.WARN:
+                if self._world_size() > 1 and not shared:
+                    self._pending.append(f)  # told to the other ranks at the next `_sync`
                 if known:  # warned in an earlier run of this callback: once per distinct finding
                     continue
                 rank_zero_warn(f.message, category=ModeCheckWarning)
@@ -334,22 +338,22 @@ class ModeCheck(Callback):
         return self._trainer.world_size if self._trainer is not None else 1
 
     def _sync(self, boundary: str) -> None:
-        """Under DDP with ``"raise"``: all ranks learn whether any rank has a finding, and all raise together.
+        """Under DDP and FSDP: every rank learns every rank's findings; with ``"raise"`` all raise together.
 
         Called at boundaries that every rank passes in the same order, also after the callback disabled itself,
-        so that no rank waits for a collective the others never join.
+        so that no rank waits for a collective the others never join. Under sharding a write may touch one rank's
+        shard only: the other ranks report it too (with ``"warn"``, rank zero prints it).
         """
-        if self.policy is not Policy.RAISE or self._trainer is None or self._world_size() <= 1:
+        if self._trainer is None or self._world_size() <= 1:
             return
-        local = bool(self._pending)
-        if not self._trainer.strategy.reduce_boolean_decision(local, all=False):
-            return
-        pending, self._pending = self._pending, []
-        if pending:
-            raise ModeCheckError(pending[0].message, pending)
-        raise ModeCheckError(
-            f"ModeCheck: another rank reported a finding at {boundary}; this rank stops with it (see that rank's "
-            "error for the finding).", [])
+        mine, self._pending = self._pending, []
+        shared = share_findings(mine)
+        if self.policy is Policy.RAISE:
+            error = agreed_error(mine, shared, boundary)
+            if error is not None:
+                raise error
+        else:
+            self._report([f for _, f in shared if f.key not in self._run.counts], shared=True)
 
     @contextmanager
     def _guard(self, where: str) -> Iterator[None]:
