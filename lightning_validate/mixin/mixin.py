@@ -49,6 +49,7 @@ from lightning_validate.metrics.accumulators import LossAccumulator, TargetRange
 from lightning_validate.metrics.batches import batch_size_of, describe, unpack_example
 from lightning_validate.metrics.checks import check_metrics
 from lightning_validate.metrics.fast_accuracy import default_metrics
+from lightning_validate.metrics.inputs import fix_code, split_inputs, update_metric
 from lightning_validate.metrics.padding import PaddingFilter, real_samples, take_first
 from lightning_validate.metrics.states import local_value
 from lightning_validate.progress import DEFAULT_INTERVAL, Throttle, format_postfix
@@ -194,6 +195,23 @@ class ValidationMixin(_Base):
             return batch[0], batch[1]
         raise TypeError(_unpack_error(batch))
 
+    def metric_inputs(self, outputs: Any, target: Any) -> Sequence[Any] | Mapping[str, Sequence[Any]]:
+        """Return what the metrics take from a batch's ``outputs`` and ``target``; used in every stage.
+
+        Default: ``(outputs, target)``, handed to every metric's ``update``. Override it when the model's outputs
+        are not what a metric takes (the loss still gets them unchanged, through ``compute_loss``):
+
+        - a tuple gives every metric the same arguments: ``return outputs[0], target[0]`` for a forward that
+          returns ``(logits, aux)`` and a target ``(y, weight)``;
+        - a dict from metric name (as in ``configure_metrics()``) to that metric's arguments gives each its own,
+          one metric per head of a multi-head model: ``return {"acc_a": (outputs["a"], target["a"]),
+          "acc_b": (outputs["b"], target["b"])}``.
+
+        It runs on the device tensors of the batch; anything that reads a value back to the host (``.item()``,
+        ``.cpu()``) would cost a synchronization per batch.
+        """
+        return outputs, target
+
     # ----------------------------------------------------------------------------------------------------------
     # Steps
 
@@ -241,18 +259,17 @@ class ValidationMixin(_Base):
             outputs, target = take_first(outputs, n, keep), take_first(target, n, keep)
         if isinstance(outputs, Tensor) and isinstance(target, Tensor) and outputs.shape[:1] != target.shape[:1]:
             raise ValueError(_shape_error(outputs, target))
+        inputs = self._lv_metric_inputs(loader, outputs, target)
         if epoch.check_default and loader.unchecked:
-            self._lv_check_default(outputs, target)
+            self._lv_check_default(loader, inputs, outputs, target)
             loader.unchecked = False
         loss = self._lv_loss(outputs, target)
         loader.loss.update(loss, keep)
         if loader.targets is not None and isinstance(target, Tensor):
             loader.targets.update(target)
-        for name, metric in loader.metrics:
-            try:
-                metric.update(outputs, target)
-            except (RuntimeError, ValueError, TypeError, IndexError) as err:
-                raise type(err)(_metric_error(f"{stage}/{name}{loader.suffix}", metric, outputs, target, err)) from err
+        for (name, metric), args in zip(loader.metrics, inputs, strict=True):
+            update_metric(metric, args, key=f"{stage}/{name}{loader.suffix}", outputs=outputs, target=target,
+                          fix=_hook_fix)
         if epoch.bar is not None and loader.throttle.due():
             _show_running(epoch.bar, loader)
         return loss if loss.ndim == 0 else loss.mean()
@@ -604,26 +621,44 @@ class ValidationMixin(_Base):
             )
         return loss
 
-    def _lv_check_default(self, outputs: Any, target: Any) -> None:
+    def _lv_metric_inputs(self, loader: _Loader, outputs: Any, target: Any) -> list[tuple[Any, ...]]:
+        """The ``update`` arguments of each of ``loader``'s metrics, from ``metric_inputs``."""
+        if not loader.metrics:
+            return []
+        if type(self).metric_inputs is ValidationMixin.metric_inputs:  # the default: no call, no checks per batch
+            return [(outputs, target)] * len(loader.metrics)
+        return split_inputs(
+            self.metric_inputs(outputs, target), [name for name, _ in loader.metrics], hook="`metric_inputs`"
+        )
+
+    def _lv_check_default(self, loader: _Loader, inputs: list[tuple[Any, ...]], outputs: Any, target: Any) -> None:
+        """Check the default accuracy's inputs (once per epoch): the shapes it takes, or the fix as code."""
+        templates = self._lv.templates or {}
+        for (name, _), args in zip(loader.metrics, inputs, strict=True):
+            if templates.get(name) in _DEFAULTS and len(args) == 2:
+                self._lv_check_default_inputs(args[0], args[1], outputs, target)
+
+    def _lv_check_default_inputs(self, preds: Any, labels: Any, outputs: Any, target: Any) -> None:
         num_classes = self._lv.num_classes
         if (
-            isinstance(outputs, Tensor)
-            and isinstance(target, Tensor)
-            and outputs.ndim >= 2
-            and outputs.shape[1] == num_classes
-            and target.shape == outputs.shape[:1] + outputs.shape[2:]
-            and not target.is_floating_point()
+            isinstance(preds, Tensor)
+            and isinstance(labels, Tensor)
+            and preds.ndim >= 2
+            and preds.shape[1] == num_classes
+            and labels.shape == preds.shape[:1] + preds.shape[2:]
+            and not labels.is_floating_point()
         ):
             return
-        hint = (
-            "return `x, y.squeeze(1)` from `unpack_batch`"
-            if isinstance(target, Tensor) and target.ndim >= 2 and target.shape[-1] == 1
-            else "for another task return your own metrics from `configure_metrics()`"
-        )
+        if not (isinstance(preds, Tensor) and isinstance(labels, Tensor)):
+            hint = f"to hand it the tensors inside them, {fix_code(outputs, target, _hook_fix)}"
+        elif labels.ndim >= 2 and labels.shape[-1] == 1:
+            hint = "return `x, y.squeeze(1)` from `unpack_batch`."
+        else:
+            hint = "for another task return your own metrics from `configure_metrics()`."
         raise ValueError(
             f"The default metric `MulticlassAccuracy(num_classes={num_classes})` expects outputs of shape "
             f"(N, {num_classes}, ...) (class scores in dimension 1) and integer targets of shape (N, ...), but got "
-            f"outputs {describe(outputs)} and target {describe(target)}: {hint}."
+            f"outputs {describe(preds)} and target {describe(labels)}: {hint}"
         )
 
 
@@ -654,10 +689,10 @@ def _shape_error(outputs: Tensor, target: Tensor) -> str:
     )
 
 
-def _metric_error(key: str, metric: Metric, outputs: Any, target: Any, err: BaseException) -> str:
+def _hook_fix(outputs: str, target: str) -> str:
     return (
-        f"Metric `{key}` ({type(metric).__name__}) failed on outputs {describe(outputs)} and target "
-        f"{describe(target)}: {err}"
+        "override `metric_inputs` in your LightningModule (a dict from metric name to its inputs gives each metric its "
+        f"own):\n\n    def metric_inputs(self, outputs, target):\n        return {outputs}, {target}\n"
     )
 
 
