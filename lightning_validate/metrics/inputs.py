@@ -104,7 +104,8 @@ def update_metric(
     try:
         metric.update(*args)
     except METRIC_ERRORS as err:
-        got = " and ".join(f"{label} {describe(a)}" for label, a in zip(("preds", "target"), args, strict=False))
+        labels = ("outputs" if args and args[0] is outputs else "preds", "target")  # the model's own, or the hook's
+        got = " and ".join(f"{label} {describe(a)}" for label, a in zip(labels, args, strict=False))
         if len(args) > 2:
             got += f" (and {len(args) - 2} more)"
         text = f"Metric `{key}` ({type(metric).__name__}) failed on {got}: {err}"

@@ -100,7 +100,7 @@ def test_tuple_outputs_and_weighted_targets_in_every_stage(digits):
 
 def test_a_metric_on_a_tuple_names_the_hook_and_the_code(digits):
     x, y, w = digits
-    expected = (r"(?s)Metric `val/acc` \(MulticlassAccuracy\) failed on preds a tuple of 2: \(Tensor\(shape=\(64, 10\), "
+    expected = (r"(?s)Metric `val/acc` \(MulticlassAccuracy\) failed on outputs a tuple of 2: \(Tensor\(shape=\(64, 10\), "
                 r"dtype=float32\), Tensor\(shape=\(64, 3\), dtype=float32\)\) and target a tuple of 2: .*"
                 r"A metric takes tensors; .* override `metric_inputs` in your LightningModule.*\n\n"
                 r"    def metric_inputs\(self, outputs, target\):\n        return outputs\[0\], target\[0\]\n")
