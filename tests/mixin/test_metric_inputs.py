@@ -100,8 +100,9 @@ def test_tuple_outputs_and_weighted_targets_in_every_stage(digits):
 
 def test_a_metric_on_a_tuple_names_the_hook_and_the_code(digits):
     x, y, w = digits
-    expected = (r"(?s)Metric `val/acc` \(MulticlassAccuracy\) failed on outputs a tuple of 2: \(Tensor\(shape=\(64, 10\), "
-                r"dtype=float32\), Tensor\(shape=\(64, 3\), dtype=float32\)\) and target a tuple of 2: .*"
+    expected = (r"(?s)Metric `val/acc` \(MulticlassAccuracy\) failed on outputs a tuple of 2: "
+                r"\(Tensor\(shape=\(64, 10\), dtype=float32\), Tensor\(shape=\(64, 3\), dtype=float32\)\) "
+                r"and target a tuple of 2: .*"
                 r"A metric takes tensors; .* override `metric_inputs` in your LightningModule.*\n\n"
                 r"    def metric_inputs\(self, outputs, target\):\n        return outputs\[0\], target\[0\]\n")
     with pytest.raises(TypeError, match=expected):
@@ -185,7 +186,7 @@ def test_two_heads_get_one_metric_each(digits):
     [
         ({"digit_acc": (1, 2)}, ValueError, r"Expected `metric_inputs` to return the inputs of each metric by name, "
                                             r"\['digit_acc', 'digit_f1', 'parity_acc'\], but got missing "
-                                            r"\['digit_f1', 'parity_acc'\]\. Return one `\(preds, target\)` per metric"),
+                                            r"\['digit_f1', 'parity_acc'\]\. Return one `\(preds, target\)`"),
         ({"digit_acc": (1, 2), "digit_f1": (1, 2), "parity_acc": (1, 2), "extra": (1, 2)}, ValueError,
          r"but got unknown \['extra'\]\."),
         ({"digit_acc": 1, "digit_f1": (1, 2), "parity_acc": (1, 2)}, TypeError,

@@ -96,8 +96,8 @@ def test_a_metric_on_a_tuple_names_the_argument_and_the_code(digits: Any) -> Non
     acc = MulticlassAccuracy(10)
     acc.update(torch.eye(10)[:4], torch.tensor([0, 1, 2, 0]))
     before = acc.compute().item()
-    expected = (r"Metric `acc` \(MulticlassAccuracy\) failed on outputs a dict with keys \['digit', 'parity'\] and target "
-                r"Tensor\(shape=\(50,\), dtype=int64\): .*\. A metric takes tensors; .* pass `metric_inputs` to "
+    expected = (r"Metric `acc` \(MulticlassAccuracy\) failed on outputs a dict with keys \['digit', 'parity'\] and "
+                r"target Tensor\(shape=\(50,\), dtype=int64\): .*\. A metric takes tensors; .* pass `metric_inputs` to "
                 r"validate\(\) .*`validate\(model, loader, \.\.\., metric_inputs=lambda outputs, target: "
                 r"\(outputs\['digit'\], target\)\)`\.")
     with pytest.raises(TypeError, match=expected):
