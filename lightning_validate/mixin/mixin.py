@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -52,6 +52,7 @@ from lightning_validate.metrics.fast_accuracy import default_metrics
 from lightning_validate.metrics.inputs import fix_code, split_inputs, update_metric
 from lightning_validate.metrics.padding import PaddingFilter, real_samples, take_first
 from lightning_validate.metrics.states import local_value
+from lightning_validate.mixin.recovery import OpenEvaluation, give_back, modes, restored_message
 from lightning_validate.progress import DEFAULT_INTERVAL, Throttle, format_postfix
 from lightning_validate.stages import TrainerFn, hook_word, log_stage
 
@@ -115,6 +116,11 @@ class _State:
     epochs: dict[str, _Epoch] = field(default_factory=dict)
     history: list[dict[str, float]] = field(default_factory=list)
     pending: dict[str, float] = field(default_factory=dict)
+    # Crash recovery (see recovery.py): a run is open from `setup` to `teardown`, which Lightning skips when a run
+    # raises; the last evaluation's modes; the stages already warned about in this run.
+    running: bool = False
+    evaluation: OpenEvaluation | None = None
+    warned: set[str] = field(default_factory=set)
 
 
 class ValidationMixin(_Base):
@@ -279,8 +285,13 @@ class ValidationMixin(_Base):
 
     @override
     def setup(self, stage: str) -> None:
-        """Build the metrics before any loop runs, so they move with the model and exist before evaluation."""
+        """Build the metrics before any loop runs, so they move with the model and exist before evaluation.
+
+        Also clean up after an earlier run on this model that raised: its unfinished epochs are dropped, and the
+        modes Lightning did not put back are given back (see ``_lv_recover``).
+        """
         super().setup(stage)
+        self._lv_recover()
         self._lv_configure()
         stages: tuple[Stage, ...] = _SETUP_STAGES.get(stage, ())
         for s in stages:
@@ -290,6 +301,34 @@ class ValidationMixin(_Base):
         for key in list(self._lv.aside):  # dataloaders first seen in an earlier run
             stage_name, index = key.rsplit("_", 1)
             self._lv_container(stage_name, int(index))  # type: ignore[arg-type]
+
+    @override
+    def teardown(self, stage: str) -> None:
+        """Close the run: Lightning calls this only when the run ended normally."""
+        super().teardown(stage)
+        state = self._lv
+        for name in list(state.epochs):
+            if name not in state.warned:
+                rank_zero_warn(_never_logged(name, "last"), category=UserWarning)
+        state.epochs.clear()
+        state.pending.clear()
+        state.evaluation = None
+        state.running = False
+
+    @override
+    def on_validation_model_eval(self) -> None:
+        """Record each submodule's mode around Lightning's ``.eval()``, to give it back if validation raises."""
+        self._lv_evaluation("validation", super().on_validation_model_eval)
+
+    @override
+    def on_test_model_eval(self) -> None:
+        """Record each submodule's mode around Lightning's ``.eval()``, to give it back if testing raises."""
+        self._lv_evaluation("test", super().on_test_model_eval)
+
+    @override
+    def on_predict_model_eval(self) -> None:
+        """Record each submodule's mode around Lightning's ``.eval()``, to give it back if prediction raises."""
+        self._lv_evaluation("predict", super().on_predict_model_eval)
 
     @override
     def on_train_epoch_start(self) -> None:
@@ -354,6 +393,34 @@ class ValidationMixin(_Base):
             state = _State()
             self.__dict__["_lv_state"] = state
         return state
+
+    def _lv_recover(self) -> None:
+        """Start a run clean, also after an earlier run on this model raised (Lightning then skips ``teardown``).
+
+        The earlier run's unfinished epochs and pending values are dropped: they belong to no finished epoch and
+        their bar is gone. If it raised during an evaluation, the model is still in the modes ``.eval()`` set
+        (Lightning puts modes back only when an evaluation ends normally): they are given back, with one warning.
+        """
+        state = self._lv
+        if state.running:
+            state.epochs.clear()
+            state.pending.clear()
+            opened = state.evaluation
+            if opened is not None:
+                changed = give_back(self, opened)
+                if changed:
+                    rank_zero_warn(restored_message(opened, changed, list(modes(self))), category=UserWarning)
+        state.evaluation = None
+        state.warned.clear()
+        state.running = True
+
+    def _lv_evaluation(self, hook: str, make_eval: Callable[[], None]) -> None:
+        """Record the modes before and after ``make_eval`` (Lightning's ``.eval()``), for ``_lv_recover``."""
+        fn = self.trainer.state.fn
+        opened = OpenEvaluation(fn.value if fn is not None else "fit", hook, before=modes(self))
+        self._lv.evaluation = opened
+        make_eval()
+        opened.after = modes(self)
 
     def _lv_num_classes(self) -> int | None:
         value = getattr(self, "num_classes", None)
@@ -449,12 +516,9 @@ class ValidationMixin(_Base):
     def _lv_begin(self, stage: Stage) -> None:
         state = self._lv
         self._lv_configure()
-        if stage in state.epochs:
-            rank_zero_warn(
-                f"The previous {_hook(stage)} epoch was never logged: if you override "
-                f"`on_{_hook(stage)}_epoch_end`, call `super().on_{_hook(stage)}_epoch_end()` in it.",
-                category=UserWarning,
-            )
+        if stage in state.epochs and stage not in state.warned:
+            state.warned.add(stage)
+            rank_zero_warn(_never_logged(stage, "previous"), category=UserWarning)
         loaders = [None] if stage == "train" else self._lv_eval_loaders(stage)
         names = self._lv_names(stage)
         if names is not None and len(names) != len(loaders):
@@ -715,6 +779,14 @@ def _outside_epoch(stage: str, dataloader_idx: int, open_: bool) -> str:
     return (
         f"`update_metrics({stage!r}, ...)` ran outside a {hook} epoch the mixin saw start. If you override "
         f"`on_{hook}_epoch_start`, call `super().on_{hook}_epoch_start()` in it."
+    )
+
+
+def _never_logged(stage: str, which: str) -> str:
+    hook = _hook(stage)
+    return (
+        f"The {which} {hook} epoch was never logged: if you override `on_{hook}_epoch_end`, call "
+        f"`super().on_{hook}_epoch_end()` in it."
     )
 
 
