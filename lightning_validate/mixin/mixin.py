@@ -409,7 +409,8 @@ class ValidationMixin(_Base):
             if opened is not None:
                 changed = give_back(self, opened)
                 if changed:
-                    rank_zero_warn(restored_message(opened, changed, list(modes(self))), category=UserWarning)
+                    message = restored_message(opened, changed, list(modes(self)), hide="lv_metrics")
+                    rank_zero_warn(message, category=UserWarning)
         state.evaluation = None
         state.warned.clear()
         state.running = True

@@ -62,10 +62,10 @@ def give_back(model: nn.Module, opened: OpenEvaluation) -> list[str]:
     return changed
 
 
-def restored_message(opened: OpenEvaluation, changed: list[str], universe: list[str]) -> str:
-    """The warning that says what happened and that it was fixed."""
-    names = [display_name(name) for name, _ in group(changed, universe)]
-    shown = ", ".join(f"`{n}`" for n in names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+def restored_message(opened: OpenEvaluation, changed: list[str], universe: list[str], hide: str = "") -> str:
+    """The warning that says what happened and that it was fixed; names under ``hide`` are counted, not shown."""
+    names = [name for name, _ in group(changed, universe) if not (hide and name.startswith(hide))]
+    shown = ", ".join(f"`{display_name(n)}`" for n in names[:5]) + (", ..." if len(names) > 5 else "")
     return (
         f"The previous `trainer.{opened.fn}()` on this model raised during {opened.hook}, and Lightning puts each "
         f"submodule's mode back only when an evaluation ends normally: {len(changed)} submodules were still in eval "
