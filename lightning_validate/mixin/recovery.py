@@ -12,7 +12,7 @@ Example:
     >>> opened = OpenEvaluation("validate", "validation", before=modes(model))
     >>> opened.after = modes(model.eval())  # ... then a validation_step raised
     >>> give_back(model, opened), model[1].training
-    (['', '1'], True)
+    (['', '0', '1'], True)
 
 """
 

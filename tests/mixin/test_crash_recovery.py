@@ -209,7 +209,7 @@ def test_keyboard_interrupt_in_validation(digits):
             trainer().validate(model, loader(x, y), verbose=False)
     finally:
         signal.signal(signal.SIGINT, handler)  # Lightning ignores SIGINT from then on
-    with pytest.warns(UserWarning, match=r"The previous `trainer\.validate\(\)` on this model raised during validation"):
+    with pytest.warns(UserWarning, match=r"The previous `trainer\.validate\(\)` on this model raised during valid"):
         rerun_is_clean(model, x, y)
 
 
