@@ -121,6 +121,8 @@ class _State:
     running: bool = False
     evaluation: OpenEvaluation | None = None
     warned: set[str] = field(default_factory=set)
+    # The training values of the epoch a checkpoint was written in before that epoch closed (at validation end).
+    resumed: dict[str, float] | None = None
 
 
 class ValidationMixin(_Base):
@@ -341,6 +343,10 @@ class ValidationMixin(_Base):
         """Log ``train/loss_epoch`` and ``train/<name>``; append this epoch's record to ``metrics_history``."""
         super().on_train_epoch_end()
         values = self._lv_end("train")
+        resumed, self._lv.resumed = self._lv.resumed, None
+        if not values and resumed is not None and resumed["epoch"] == self.trainer.current_epoch:
+            # Resumed from a checkpoint written at this epoch's validation end: its batches ran before the resume.
+            values = {k: v for k, v in resumed.items() if k != "epoch"}
         record: dict[str, float] = {"epoch": float(self.trainer.current_epoch)}
         record.update(values)
         record.update(self._lv.pending)
@@ -380,8 +386,34 @@ class ValidationMixin(_Base):
 
         ``train/loss`` here is the epoch mean. With several validations per epoch, the last one is kept.
         Under ``strategy="ddp_spawn"`` the records stay in the worker processes (only weights come back).
+        The history is saved in checkpoints and restored from them, so a run resumed with ``ckpt_path`` (or a
+        model made by ``load_from_checkpoint``) keeps the records of the epochs before the checkpoint.
         """
         return self._lv.history
+
+    @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Save ``metrics_history`` (and the values of an epoch not closed yet) under ``"lightning_validate"``."""
+        super().on_save_checkpoint(checkpoint)
+        state = self._lv
+        checkpoint[_CHECKPOINT_KEY] = {
+            "metrics_history": [dict(record) for record in state.history],
+            "pending": dict(state.pending),
+            "open_epoch": self._lv_finished_train_epoch(),
+        }
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore ``metrics_history``; a checkpoint written without it (before 0.2) leaves the history empty."""
+        super().on_load_checkpoint(checkpoint)
+        saved = checkpoint.get(_CHECKPOINT_KEY)
+        if not isinstance(saved, Mapping):
+            return
+        state = self._lv
+        state.history = [dict(record) for record in saved.get("metrics_history", [])]
+        state.pending = dict(saved.get("pending", {}))
+        open_epoch = saved.get("open_epoch")
+        state.resumed = dict(open_epoch) if open_epoch else None
 
     # ----------------------------------------------------------------------------------------------------------
     # Internals
@@ -393,6 +425,34 @@ class ValidationMixin(_Base):
             state = _State()
             self.__dict__["_lv_state"] = state
         return state
+
+    def _lv_finished_train_epoch(self) -> dict[str, float] | None:
+        """The values of a training epoch whose batches have all run but that has not closed yet, else ``None``.
+
+        A checkpoint written at the end-of-epoch validation (``ModelCheckpoint`` saves there unless it saves at
+        the training epoch's end) comes before ``on_train_epoch_end``; a run resumed from it does not run that
+        epoch's batches again, so their values travel in the checkpoint. Under DDP this reduces across processes,
+        as Lightning runs ``on_save_checkpoint`` on every process. Nothing is logged and no state is reset.
+        """
+        epoch = self._lv.epochs.get("train")
+        trainer = self.trainer
+        if epoch is None or not trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            return None
+        device = self.device
+        values: dict[str, float] = {"epoch": float(trainer.current_epoch)}
+        for ld in epoch.loaders:
+            sums = ld.loss.summary(device).to(device)
+            if trainer.world_size > 1:
+                sums = trainer.strategy.reduce(sums, reduce_op="sum")
+            total, count = sums[:2].tolist()
+            if count == 0:
+                continue
+            values[f"train/loss{ld.suffix}"] = total / count
+            for name, metric in ld.metrics:
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", message=".*was called before the ``update`` method.*")
+                    values[f"train/{name}{ld.suffix}"] = float(metric.compute())
+        return values
 
     def _lv_recover(self) -> None:
         """Start a run clean, also after an earlier run on this model raised (Lightning then skips ``teardown``).
@@ -729,6 +789,9 @@ class ValidationMixin(_Base):
 
 # --------------------------------------------------------------------------------------------------------------
 # Helpers and messages
+
+#: The checkpoint key under which the mixin keeps ``metrics_history``.
+_CHECKPOINT_KEY = "lightning_validate"
 
 _MISSING_CRITERION = (
     "`{name}` has no loss: set `self.criterion = nn.CrossEntropyLoss()` in `__init__`, or override "
