@@ -55,6 +55,11 @@ def assert_same_history(got, expected):
         assert g == pytest.approx(e, abs=1e-6)
 
 
+# The resumed runs attach no ModelCheckpoint (a second one in the same folder would warn about it being non-empty);
+# Lightning advises to attach the callbacks the checkpoint was written with. Its advice, not a fault here.
+pytestmark = pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`, callbacks used:UserWarning")
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(digits):
     return fit(Lit(), digits, 4)
