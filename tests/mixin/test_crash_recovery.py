@@ -99,6 +99,17 @@ class Fragile(ValidationMixin, pl.LightningModule):
     def on_validation_start(self):
         self._maybe_fail("on_validation_start")
 
+    def on_validation_epoch_start(self):
+        super().on_validation_epoch_start()
+        self._maybe_fail("on_validation_epoch_start")  # after super(): the epoch is open
+
+    def on_test_start(self):
+        self._maybe_fail("on_test_start")
+
+    def on_train_epoch_start(self):
+        super().on_train_epoch_start()
+        self._maybe_fail("on_train_epoch_start")
+
     def on_validation_epoch_end(self):
         self._maybe_fail("on_validation_epoch_end")  # before super(): the epoch stays open
         super().on_validation_epoch_end()
@@ -116,6 +127,14 @@ class Fragile(ValidationMixin, pl.LightningModule):
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
         self._maybe_fail("on_train_batch_end")
+
+
+class FragileRestore(Fragile):
+    """Overrides ``on_validation_model_train``: Lightning then calls it instead of putting the modes back itself."""
+
+    def on_validation_model_train(self):
+        self._maybe_fail("on_validation_model_train")
+        super().on_validation_model_train()
 
 
 def reference(model, x, y):
@@ -136,12 +155,16 @@ CASES = [
     ("on_validation_start", "validate", True),
     ("on_validation_epoch_end", "fit", True),
     ("on_validation_epoch_end", "validate", True),
+    ("on_validation_epoch_start", "fit", True),
     ("on_validation_end", "validate", True),
+    ("on_validation_model_train", "validate", True),
+    ("on_test_start", "test", True),
     ("test_step", "test", True),
     ("on_test_epoch_end", "test", True),
     ("predict_step", "predict", True),
     ("training_step", "fit", False),
     ("on_train_batch_end", "fit", False),
+    ("on_train_epoch_start", "fit", False),
     ("on_train_epoch_end", "fit", False),  # the epoch-end validation ran and gave the modes back
 ]
 
@@ -183,7 +206,7 @@ def rerun_is_clean(model, x, y):
 @pytest.mark.parametrize(("point", "how", "left_in_eval"), CASES, ids=[f"{how}-{p}" for p, how, _ in CASES])
 def test_the_next_run_is_clean(digits, point, how, left_in_eval):
     x, y = digits
-    model = Fragile()
+    model = FragileRestore() if point == "on_validation_model_train" else Fragile()
     model.fail_at = point
     first_run(model, how, x, y)
     assert any(not m.training for m in model.modules()) == left_in_eval
@@ -211,6 +234,20 @@ def test_keyboard_interrupt_in_validation(digits):
         signal.signal(signal.SIGINT, handler)  # Lightning ignores SIGINT from then on
     with pytest.warns(UserWarning, match=r"The previous `trainer\.validate\(\)` on this model raised during valid"):
         rerun_is_clean(model, x, y)
+
+
+def test_the_next_run_is_clean_for_mode_check(digits):
+    """No finding in the next run caused by the crash: the modes are given back before ModeCheck looks."""
+    from lightning_validate import ModeCheck
+
+    x, y = digits
+    model = Fragile()
+    model.fail_at = "validation_step"
+    first_run(model, "fit", x, y)
+    check = ModeCheck(on_violation="raise", verbose=False)
+    with pytest.warns(UserWarning, match=RESTORED):
+        trainer(callbacks=[check]).fit(model, loader(x, y), loader(x, y))
+    assert model.train_modes[-1] == {name: True for name, _ in model.named_modules()}
 
 
 def test_given_back_exactly_frozen_submodules_stay_frozen(digits):
