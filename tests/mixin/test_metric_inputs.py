@@ -1,6 +1,8 @@
 """``ValidationMixin.metric_inputs``: tuple outputs, weighted targets and one metric per head, against sklearn."""
 
 import contextlib
+import importlib.util
+from pathlib import Path
 
 import lightning.pytorch as pl
 import numpy as np
@@ -124,43 +126,19 @@ def test_a_metric_on_a_tuple_names_the_hook_and_the_code(digits):
     assert val["val/acc"] == pytest.approx(reference(model, x, y, w)["acc"], abs=1e-6)
 
 
-class TwoHeads(ValidationMixin, pl.LightningModule):
-    """One body, two heads (the digit and its parity), one metric per head: the docs' example."""
+def _example(name):
+    """A module of ``examples/``, imported from its file: the docs show its code, these tests run it."""
+    path = Path(__file__).resolve().parents[2] / "examples" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"examples_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
+
+class TwoHeads(_example("two_heads").TwoHeads):  # the docs' example (docs/metrics.md)
     def __init__(self):
-        super().__init__()
         torch.manual_seed(0)
-        self.body = nn.Sequential(nn.Linear(64, 32), nn.ReLU())
-        self.digit = nn.Linear(32, 10)
-        self.parity = nn.Linear(32, 2)
-
-    def forward(self, x):
-        h = self.body(x)
-        return {"digit": self.digit(h), "parity": self.parity(h)}
-
-    def unpack_batch(self, batch):
-        x, y = batch
-        return x, {"digit": y, "parity": y % 2}
-
-    def compute_loss(self, outputs, target):
-        return F.cross_entropy(outputs["digit"], target["digit"]) + F.cross_entropy(outputs["parity"], target["parity"])
-
-    def configure_metrics(self):
-        return {
-            "digit_acc": MulticlassAccuracy(num_classes=10, average="micro"),
-            "digit_f1": MulticlassF1Score(num_classes=10, average="macro"),
-            "parity_acc": MulticlassAccuracy(num_classes=2, average="micro"),
-        }
-
-    def metric_inputs(self, outputs, target):
-        return {
-            "digit_acc": (outputs["digit"], target["digit"]),
-            "digit_f1": (outputs["digit"], target["digit"]),
-            "parity_acc": (outputs["parity"], target["parity"]),
-        }
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1)
+        super().__init__()
 
 
 def test_two_heads_get_one_metric_each(digits):
