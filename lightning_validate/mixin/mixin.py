@@ -130,11 +130,14 @@ class ValidationMixin(_Base):
 
     Contract. You write ``forward(inputs)`` and set ``self.criterion`` (or override ``compute_loss(outputs,
     target)``); optionally ``configure_metrics()`` (default: micro accuracy when ``num_classes`` is an attribute
-    or in ``hparams``) and ``unpack_batch(batch) -> (inputs, target)`` (default: a 2-tuple or 2-list). The mixin
-    supplies ``validation_step``, ``test_step``, a default ``training_step``, ``setup`` and the
-    ``on_{train,validation,test}_epoch_{start,end}`` hooks. A method you define wins (your class comes first in
-    the MRO). If you override a step, call ``return self.update_metrics("val", self(x), y, dataloader_idx)`` in it
-    to keep the epoch metrics; if you override ``setup`` or an epoch hook, call ``super()`` in it.
+    or in ``hparams``), ``unpack_batch(batch) -> (inputs, target)`` (default: a 2-tuple or 2-list) and
+    ``metric_inputs(outputs, target)``, what the metrics take (default: ``(outputs, target)``; a dict gives each
+    metric its own, e.g. one per head). The mixin supplies ``validation_step``, ``test_step``, a default
+    ``training_step``, ``setup``, ``teardown``, the ``on_{train,validation,test}_epoch_{start,end}`` hooks,
+    ``on_{validation,test,predict}_model_eval`` and ``on_{save,load}_checkpoint``. A method you define wins (your
+    class comes first in the MRO). If you override a step, call
+    ``return self.update_metrics("val", self(x), y, dataloader_idx)`` in it to keep the epoch metrics; if you
+    override any of the hooks, call ``super()`` in it.
 
     What is logged, once per epoch: ``val/loss`` and ``val/<name>`` (``test/...``); with several dataloaders
     ``val/<name>/dataloader_idx_<i>`` (Lightning's convention) or ``val/<name>/<your name>`` from
@@ -142,8 +145,15 @@ class ValidationMixin(_Base):
     ``train/<name>``. The loss is the exact per-sample mean; under DDP the samples ``DistributedSampler`` repeats
     to pad the ranks are not counted. ``metrics_history`` keeps one record per training epoch of ``fit``
     (``{"epoch": 0, "train/loss": ..., "val/acc": ...}``), without the sanity check and without
-    ``trainer.validate()``/``trainer.test()`` runs (those return their values). The metric clones are registered
-    as ``self.lv_metrics["val_0"]["acc"]`` (stage and dataloader index), created in ``setup``.
+    ``trainer.validate()``/``trainer.test()`` runs (those return their values); it is saved in checkpoints and
+    restored from them, so a resumed run keeps the earlier epochs. The metric clones are registered as
+    ``self.lv_metrics["val_0"]["acc"]`` (stage and dataloader index), created in ``setup``.
+
+    After an exception. A run that raises leaves an unfinished epoch and, if it raised during an evaluation, the
+    model in eval mode (Lightning gives the modes back only when an evaluation ends normally). The next run on the
+    same model object drops the unfinished epoch, and gives each submodule back the mode it had before that
+    evaluation if the model is still exactly as ``.eval()`` left it, with one warning saying so. Between the two
+    runs the model stays in eval mode (``ModeCheck`` gives it back when the exception happens).
 
     Under DDP, each rank counts only the samples its ``DistributedSampler`` does not repeat (the sampler Lightning
     injects, or your own); with any other sampler nothing is removed. The running values on the bar are rank 0's
