@@ -445,8 +445,10 @@ class ValidationMixin(_Base):
         as Lightning runs ``on_save_checkpoint`` on every process. Nothing is logged and no state is reset.
         """
         epoch = self._lv.epochs.get("train")
+        if epoch is None:  # no training epoch open (also: no trainer attached)
+            return None
         trainer = self.trainer
-        if epoch is None or not trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+        if not trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:  # a checkpoint inside the epoch
             return None
         device = self.device
         values: dict[str, float] = {"epoch": float(trainer.current_epoch)}
