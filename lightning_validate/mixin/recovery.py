@@ -66,9 +66,10 @@ def restored_message(opened: OpenEvaluation, changed: list[str], universe: list[
     """The warning that says what happened and that it was fixed; names under ``hide`` are counted, not shown."""
     names = [name for name, _ in group(changed, universe) if not (hide and name.startswith(hide))]
     shown = ", ".join(f"`{display_name(n)}`" for n in names[:5]) + (", ..." if len(names) > 5 else "")
+    were = "submodule was" if len(changed) == 1 else "submodules were"
     return (
         f"The previous `trainer.{opened.fn}()` on this model raised during {opened.hook}, and Lightning puts each "
-        f"submodule's mode back only when an evaluation ends normally: {len(changed)} submodules were still in eval "
-        f"mode ({shown}). ValidationMixin gave them back the modes they had before that evaluation, so this run "
-        "starts from the model as it was. Nothing else to do."
+        f"submodule's mode back only when an evaluation ends normally: {len(changed)} {were} still in eval mode "
+        f"({shown}). ValidationMixin gave them back the modes they had before that evaluation, so this run starts "
+        "from the model as it was. Nothing else to do."
     )
