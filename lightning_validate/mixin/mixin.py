@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -48,9 +48,11 @@ from lightning_validate.metrics.accumulators import LossAccumulator, TargetRange
 from lightning_validate.metrics.batches import batch_size_of, describe, unpack_example
 from lightning_validate.metrics.checks import check_metrics
 from lightning_validate.metrics.fast_accuracy import default_metrics
+from lightning_validate.metrics.inputs import fix_code, split_inputs, update_metric
 from lightning_validate.metrics.padding import PaddingFilter, real_samples, take_first
 from lightning_validate.metrics.states import local_value
 from lightning_validate.mixin.bars import RunningBar, running_bar
+from lightning_validate.mixin.recovery import OpenEvaluation, give_back, modes, restored_message
 from lightning_validate.progress import DEFAULT_INTERVAL, Throttle
 from lightning_validate.stages import TrainerFn, hook_word, log_stage
 
@@ -114,6 +116,13 @@ class _State:
     epochs: dict[str, _Epoch] = field(default_factory=dict)
     history: list[dict[str, float]] = field(default_factory=list)
     pending: dict[str, float] = field(default_factory=dict)
+    # Crash recovery (see recovery.py): a run is open from `setup` to `teardown`, which Lightning skips when a run
+    # raises; the last evaluation's modes; the stages already warned about in this run.
+    running: bool = False
+    evaluation: OpenEvaluation | None = None
+    warned: set[str] = field(default_factory=set)
+    # The training values of the epoch a checkpoint was written in before that epoch closed (at validation end).
+    resumed: dict[str, float] | None = None
 
 
 class ValidationMixin(_Base):
@@ -121,11 +130,14 @@ class ValidationMixin(_Base):
 
     Contract. You write ``forward(inputs)`` and set ``self.criterion`` (or override ``compute_loss(outputs,
     target)``); optionally ``configure_metrics()`` (default: micro accuracy when ``num_classes`` is an attribute
-    or in ``hparams``) and ``unpack_batch(batch) -> (inputs, target)`` (default: a 2-tuple or 2-list). The mixin
-    supplies ``validation_step``, ``test_step``, a default ``training_step``, ``setup`` and the
-    ``on_{train,validation,test}_epoch_{start,end}`` hooks. A method you define wins (your class comes first in
-    the MRO). If you override a step, call ``return self.update_metrics("val", self(x), y, dataloader_idx)`` in it
-    to keep the epoch metrics; if you override ``setup`` or an epoch hook, call ``super()`` in it.
+    or in ``hparams``), ``unpack_batch(batch) -> (inputs, target)`` (default: a 2-tuple or 2-list) and
+    ``metric_inputs(outputs, target)``, what the metrics take (default: ``(outputs, target)``; a dict gives each
+    metric its own, e.g. one per head). The mixin supplies ``validation_step``, ``test_step``, a default
+    ``training_step``, ``setup``, ``teardown``, the ``on_{train,validation,test}_epoch_{start,end}`` hooks,
+    ``on_{validation,test,predict}_model_eval`` and ``on_{save,load}_checkpoint``. A method you define wins (your
+    class comes first in the MRO). If you override a step, call
+    ``return self.update_metrics("val", self(x), y, dataloader_idx)`` in it to keep the epoch metrics; if you
+    override any of the hooks, call ``super()`` in it.
 
     What is logged, once per epoch: ``val/loss`` and ``val/<name>`` (``test/...``); with several dataloaders
     ``val/<name>/dataloader_idx_<i>`` (Lightning's convention) or ``val/<name>/<your name>`` from
@@ -133,8 +145,15 @@ class ValidationMixin(_Base):
     ``train/<name>``. The loss is the exact per-sample mean; under DDP the samples ``DistributedSampler`` repeats
     to pad the ranks are not counted. ``metrics_history`` keeps one record per training epoch of ``fit``
     (``{"epoch": 0, "train/loss": ..., "val/acc": ...}``), without the sanity check and without
-    ``trainer.validate()``/``trainer.test()`` runs (those return their values). The metric clones are registered
-    as ``self.lv_metrics["val_0"]["acc"]`` (stage and dataloader index), created in ``setup``.
+    ``trainer.validate()``/``trainer.test()`` runs (those return their values); it is saved in checkpoints and
+    restored from them, so a resumed run keeps the earlier epochs. The metric clones are registered as
+    ``self.lv_metrics["val_0"]["acc"]`` (stage and dataloader index), created in ``setup``.
+
+    After an exception. A run that raises leaves an unfinished epoch and, if it raised during an evaluation, the
+    model in eval mode (Lightning gives the modes back only when an evaluation ends normally). The next run on the
+    same model object drops the unfinished epoch, and gives each submodule back the mode it had before that
+    evaluation if the model is still exactly as ``.eval()`` left it, with one warning saying so. Between the two
+    runs the model stays in eval mode (``ModeCheck`` gives it back when the exception happens).
 
     Under DDP, FSDP and ``ModelParallelStrategy``, each rank counts only the samples its ``DistributedSampler`` does
     not repeat (the sampler Lightning injects, or your own); with any other sampler nothing is removed. With tensor
@@ -195,6 +214,23 @@ class ValidationMixin(_Base):
             return batch[0], batch[1]
         raise TypeError(_unpack_error(batch))
 
+    def metric_inputs(self, outputs: Any, target: Any) -> Sequence[Any] | Mapping[str, Sequence[Any]]:
+        """Return what the metrics take from a batch's ``outputs`` and ``target``; used in every stage.
+
+        Default: ``(outputs, target)``, handed to every metric's ``update``. Override it when the model's outputs
+        are not what a metric takes (the loss still gets them unchanged, through ``compute_loss``):
+
+        - a tuple gives every metric the same arguments: ``return outputs[0], target[0]`` for a forward that
+          returns ``(logits, aux)`` and a target ``(y, weight)``;
+        - a dict from metric name (as in ``configure_metrics()``) to that metric's arguments gives each its own,
+          one metric per head of a multi-head model: ``return {"acc_a": (outputs["a"], target["a"]),
+          "acc_b": (outputs["b"], target["b"])}``.
+
+        It runs on the device tensors of the batch; anything that reads a value back to the host (``.item()``,
+        ``.cpu()``) would cost a synchronization per batch.
+        """
+        return outputs, target
+
     # ----------------------------------------------------------------------------------------------------------
     # Steps
 
@@ -242,18 +278,17 @@ class ValidationMixin(_Base):
             outputs, target = take_first(outputs, n, keep), take_first(target, n, keep)
         if isinstance(outputs, Tensor) and isinstance(target, Tensor) and outputs.shape[:1] != target.shape[:1]:
             raise ValueError(_shape_error(outputs, target))
+        inputs = self._lv_metric_inputs(loader, outputs, target)
         if epoch.check_default and loader.unchecked:
-            self._lv_check_default(outputs, target)
+            self._lv_check_default(loader, inputs, outputs, target)
             loader.unchecked = False
         loss = self._lv_loss(outputs, target)
         loader.loss.update(loss, keep)
         if loader.targets is not None and isinstance(target, Tensor):
             loader.targets.update(target)
-        for name, metric in loader.metrics:
-            try:
-                metric.update(outputs, target)
-            except (RuntimeError, ValueError, TypeError, IndexError) as err:
-                raise type(err)(_metric_error(f"{stage}/{name}{loader.suffix}", metric, outputs, target, err)) from err
+        for (name, metric), args in zip(loader.metrics, inputs, strict=True):
+            update_metric(metric, args, key=f"{stage}/{name}{loader.suffix}", outputs=outputs, target=target,
+                          fix=_hook_fix)
         if epoch.bar is not None and loader.throttle.due():
             _show_running(epoch.bar, loader)
         return loss if loss.ndim == 0 else loss.mean()
@@ -263,8 +298,13 @@ class ValidationMixin(_Base):
 
     @override
     def setup(self, stage: str) -> None:
-        """Build the metrics before any loop runs, so they move with the model and exist before evaluation."""
+        """Build the metrics before any loop runs, so they move with the model and exist before evaluation.
+
+        Also clean up after an earlier run on this model that raised: its unfinished epochs are dropped, and the
+        modes Lightning did not put back are given back (see ``_lv_recover``).
+        """
         super().setup(stage)
+        self._lv_recover()
         self._lv_configure()
         stages: tuple[Stage, ...] = _SETUP_STAGES.get(stage, ())
         for s in stages:
@@ -274,6 +314,34 @@ class ValidationMixin(_Base):
         for key in list(self._lv.aside):  # dataloaders first seen in an earlier run
             stage_name, index = key.rsplit("_", 1)
             self._lv_container(stage_name, int(index))  # type: ignore[arg-type]
+
+    @override
+    def teardown(self, stage: str) -> None:
+        """Close the run: Lightning calls this only when the run ended normally."""
+        super().teardown(stage)
+        state = self._lv
+        for name in list(state.epochs):
+            if name not in state.warned:
+                rank_zero_warn(_never_logged(name, "last"), category=UserWarning)
+        state.epochs.clear()
+        state.pending.clear()
+        state.evaluation = None
+        state.running = False
+
+    @override
+    def on_validation_model_eval(self) -> None:
+        """Record each submodule's mode around Lightning's ``.eval()``, to give it back if validation raises."""
+        self._lv_evaluation("validation", super().on_validation_model_eval)
+
+    @override
+    def on_test_model_eval(self) -> None:
+        """Record each submodule's mode around Lightning's ``.eval()``, to give it back if testing raises."""
+        self._lv_evaluation("test", super().on_test_model_eval)
+
+    @override
+    def on_predict_model_eval(self) -> None:
+        """Record each submodule's mode around Lightning's ``.eval()``, to give it back if prediction raises."""
+        self._lv_evaluation("predict", super().on_predict_model_eval)
 
     @override
     def on_train_epoch_start(self) -> None:
@@ -286,6 +354,10 @@ class ValidationMixin(_Base):
         """Log ``train/loss_epoch`` and ``train/<name>``; append this epoch's record to ``metrics_history``."""
         super().on_train_epoch_end()
         values = self._lv_end("train")
+        resumed, self._lv.resumed = self._lv.resumed, None
+        if not values and resumed is not None and resumed["epoch"] == self.trainer.current_epoch:
+            # Resumed from a checkpoint written at this epoch's validation end: its batches ran before the resume.
+            values = {k: v for k, v in resumed.items() if k != "epoch"}
         record: dict[str, float] = {"epoch": float(self.trainer.current_epoch)}
         record.update(values)
         record.update(self._lv.pending)
@@ -325,8 +397,34 @@ class ValidationMixin(_Base):
 
         ``train/loss`` here is the epoch mean. With several validations per epoch, the last one is kept.
         Under ``strategy="ddp_spawn"`` the records stay in the worker processes (only weights come back).
+        The history is saved in checkpoints and restored from them, so a run resumed with ``ckpt_path`` (or a
+        model made by ``load_from_checkpoint``) keeps the records of the epochs before the checkpoint.
         """
         return self._lv.history
+
+    @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Save ``metrics_history`` (and the values of an epoch not closed yet) under ``"lightning_validate"``."""
+        super().on_save_checkpoint(checkpoint)
+        state = self._lv
+        checkpoint[_CHECKPOINT_KEY] = {
+            "metrics_history": [dict(record) for record in state.history],
+            "pending": dict(state.pending),
+            "open_epoch": self._lv_finished_train_epoch(),
+        }
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore ``metrics_history``; a checkpoint written without it (before 0.2) leaves the history empty."""
+        super().on_load_checkpoint(checkpoint)
+        saved = checkpoint.get(_CHECKPOINT_KEY)
+        if not isinstance(saved, Mapping):
+            return
+        state = self._lv
+        state.history = [dict(record) for record in saved.get("metrics_history", [])]
+        state.pending = dict(saved.get("pending", {}))
+        open_epoch = saved.get("open_epoch")
+        state.resumed = dict(open_epoch) if open_epoch else None
 
     # ----------------------------------------------------------------------------------------------------------
     # Internals
@@ -338,6 +436,65 @@ class ValidationMixin(_Base):
             state = _State()
             self.__dict__["_lv_state"] = state
         return state
+
+    def _lv_finished_train_epoch(self) -> dict[str, float] | None:
+        """The values of a training epoch whose batches have all run but that has not closed yet, else ``None``.
+
+        A checkpoint written at the end-of-epoch validation (``ModelCheckpoint`` saves there unless it saves at
+        the training epoch's end) comes before ``on_train_epoch_end``; a run resumed from it does not run that
+        epoch's batches again, so their values travel in the checkpoint. Under DDP this reduces across processes,
+        as Lightning runs ``on_save_checkpoint`` on every process. Nothing is logged and no state is reset.
+        """
+        epoch = self._lv.epochs.get("train")
+        if epoch is None:  # no training epoch open (also: no trainer attached)
+            return None
+        trainer = self.trainer
+        if not trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:  # a checkpoint inside the epoch
+            return None
+        device = self.device
+        values: dict[str, float] = {"epoch": float(trainer.current_epoch)}
+        for ld in epoch.loaders:
+            sums = ld.loss.summary(device).to(device)
+            if trainer.world_size > 1:
+                sums = trainer.strategy.reduce(sums, reduce_op="sum")
+            total, count = sums[:2].tolist()
+            if count == 0:
+                continue
+            values[f"train/loss{ld.suffix}"] = total / count
+            for name, metric in ld.metrics:
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", message=".*was called before the ``update`` method.*")
+                    values[f"train/{name}{ld.suffix}"] = float(metric.compute())
+        return values
+
+    def _lv_recover(self) -> None:
+        """Start a run clean, also after an earlier run on this model raised (Lightning then skips ``teardown``).
+
+        The earlier run's unfinished epochs and pending values are dropped: they belong to no finished epoch and
+        their bar is gone. If it raised during an evaluation, the model is still in the modes ``.eval()`` set
+        (Lightning puts modes back only when an evaluation ends normally): they are given back, with one warning.
+        """
+        state = self._lv
+        if state.running:
+            state.epochs.clear()
+            state.pending.clear()
+            opened = state.evaluation
+            if opened is not None:
+                changed = give_back(self, opened)
+                if changed:
+                    message = restored_message(opened, changed, list(modes(self)), hide="lv_metrics")
+                    rank_zero_warn(message, category=UserWarning)
+        state.evaluation = None
+        state.warned.clear()
+        state.running = True
+
+    def _lv_evaluation(self, hook: str, make_eval: Callable[[], None]) -> None:
+        """Record the modes before and after ``make_eval`` (Lightning's ``.eval()``), for ``_lv_recover``."""
+        fn = self.trainer.state.fn
+        opened = OpenEvaluation(fn.value if fn is not None else "fit", hook, before=modes(self))
+        self._lv.evaluation = opened
+        make_eval()
+        opened.after = modes(self)
 
     def _lv_num_classes(self) -> int | None:
         value = getattr(self, "num_classes", None)
@@ -433,12 +590,9 @@ class ValidationMixin(_Base):
     def _lv_begin(self, stage: Stage) -> None:
         state = self._lv
         self._lv_configure()
-        if stage in state.epochs:
-            rank_zero_warn(
-                f"The previous {_hook(stage)} epoch was never logged: if you override "
-                f"`on_{_hook(stage)}_epoch_end`, call `super().on_{_hook(stage)}_epoch_end()` in it.",
-                category=UserWarning,
-            )
+        if stage in state.epochs and stage not in state.warned:
+            state.warned.add(stage)
+            rank_zero_warn(_never_logged(stage, "previous"), category=UserWarning)
         loaders = [None] if stage == "train" else self._lv_eval_loaders(stage)
         names = self._lv_names(stage)
         if names is not None and len(names) != len(loaders):
@@ -597,31 +751,52 @@ class ValidationMixin(_Base):
             )
         return loss
 
-    def _lv_check_default(self, outputs: Any, target: Any) -> None:
+    def _lv_metric_inputs(self, loader: _Loader, outputs: Any, target: Any) -> list[tuple[Any, ...]]:
+        """The ``update`` arguments of each of ``loader``'s metrics, from ``metric_inputs``."""
+        if not loader.metrics:
+            return []
+        if type(self).metric_inputs is ValidationMixin.metric_inputs:  # the default: no call, no checks per batch
+            return [(outputs, target)] * len(loader.metrics)
+        return split_inputs(
+            self.metric_inputs(outputs, target), [name for name, _ in loader.metrics], hook="`metric_inputs`"
+        )
+
+    def _lv_check_default(self, loader: _Loader, inputs: list[tuple[Any, ...]], outputs: Any, target: Any) -> None:
+        """Check the default accuracy's inputs (once per epoch): the shapes it takes, or the fix as code."""
+        templates = self._lv.templates or {}
+        for (name, _), args in zip(loader.metrics, inputs, strict=True):
+            if templates.get(name) in _DEFAULTS and len(args) == 2:
+                self._lv_check_default_inputs(args[0], args[1], outputs, target)
+
+    def _lv_check_default_inputs(self, preds: Any, labels: Any, outputs: Any, target: Any) -> None:
         num_classes = self._lv.num_classes
         if (
-            isinstance(outputs, Tensor)
-            and isinstance(target, Tensor)
-            and outputs.ndim >= 2
-            and outputs.shape[1] == num_classes
-            and target.shape == outputs.shape[:1] + outputs.shape[2:]
-            and not target.is_floating_point()
+            isinstance(preds, Tensor)
+            and isinstance(labels, Tensor)
+            and preds.ndim >= 2
+            and preds.shape[1] == num_classes
+            and labels.shape == preds.shape[:1] + preds.shape[2:]
+            and not labels.is_floating_point()
         ):
             return
-        hint = (
-            "return `x, y.squeeze(1)` from `unpack_batch`"
-            if isinstance(target, Tensor) and target.ndim >= 2 and target.shape[-1] == 1
-            else "for another task return your own metrics from `configure_metrics()`"
-        )
+        if not (isinstance(preds, Tensor) and isinstance(labels, Tensor)):
+            hint = f"to hand it the tensors inside them, {fix_code(outputs, target, _hook_fix)}"
+        elif labels.ndim >= 2 and labels.shape[-1] == 1:
+            hint = "return `x, y.squeeze(1)` from `unpack_batch`."
+        else:
+            hint = "for another task return your own metrics from `configure_metrics()`."
         raise ValueError(
             f"The default metric `MulticlassAccuracy(num_classes={num_classes})` expects outputs of shape "
             f"(N, {num_classes}, ...) (class scores in dimension 1) and integer targets of shape (N, ...), but got "
-            f"outputs {describe(outputs)} and target {describe(target)}: {hint}."
+            f"outputs {describe(preds)} and target {describe(labels)}: {hint}"
         )
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Helpers and messages
+
+#: The checkpoint key under which the mixin keeps ``metrics_history``.
+_CHECKPOINT_KEY = "lightning_validate"
 
 _MISSING_CRITERION = (
     "`{name}` has no loss: set `self.criterion = nn.CrossEntropyLoss()` in `__init__`, or override "
@@ -647,10 +822,10 @@ def _shape_error(outputs: Tensor, target: Tensor) -> str:
     )
 
 
-def _metric_error(key: str, metric: Metric, outputs: Any, target: Any, err: BaseException) -> str:
+def _hook_fix(outputs: str, target: str) -> str:
     return (
-        f"Metric `{key}` ({type(metric).__name__}) failed on outputs {describe(outputs)} and target "
-        f"{describe(target)}: {err}"
+        "override `metric_inputs` in your LightningModule (a dict from metric name to its inputs gives each metric its "
+        f"own):\n\n    def metric_inputs(self, outputs, target):\n        return {outputs}, {target}\n"
     )
 
 
@@ -693,6 +868,14 @@ def _data_parallel_group(strategy: object) -> Any:
     if data_parallel.size() == mesh.size():
         return None
     return data_parallel.get_group()
+
+
+def _never_logged(stage: str, which: str) -> str:
+    hook = _hook(stage)
+    return (
+        f"The {which} {hook} epoch was never logged: if you override `on_{hook}_epoch_end`, call "
+        f"`super().on_{hook}_epoch_end()` in it."
+    )
 
 
 def _on(suffix: str) -> str:

@@ -41,6 +41,7 @@ from tqdm.auto import tqdm  # type: ignore[import-untyped]
 from lightning_validate.metrics.accumulators import sum_dtype
 from lightning_validate.metrics.batches import batch_size_of, describe, to_device, unpack_example
 from lightning_validate.metrics.checks import check_metric_dict
+from lightning_validate.metrics.inputs import split_inputs, update_metric
 from lightning_validate.metrics.states import restore_states, save_states
 from lightning_validate.plain.context import evaluating
 from lightning_validate.progress import DEFAULT_INTERVAL, Throttle, format_postfix
@@ -49,6 +50,9 @@ __all__ = ["validate"]
 
 #: ``step(batch, model) -> (outputs, target)``.
 Step = Callable[[Any, nn.Module], Sequence[Any]]
+
+#: ``metric_inputs(outputs, target) -> (preds, target)`` for every metric, or ``{name: (preds, target)}``.
+MetricInputs = Callable[[Any, Any], Sequence[Any] | Mapping[str, Sequence[Any]]]
 
 #: Seconds between two reads of the running values for the bar (each read is one host-device synchronization).
 _REFRESH_INTERVAL = DEFAULT_INTERVAL
@@ -60,6 +64,7 @@ def validate(
     criterion: Callable[[Any, Any], Tensor] | None = None,
     metrics: Mapping[str, Metric] | MetricCollection | None = None,
     step: Step | None = None,
+    metric_inputs: MetricInputs | None = None,
     device: torch.device | str | None = None,
     progress: bool = True,
     desc: str = "Valid",
@@ -112,6 +117,11 @@ def validate(
         metrics: a dict of torchmetrics ``Metric`` objects or a ``MetricCollection``; results keep their names.
         step: ``step(batch, model) -> (outputs, target)`` for batches that are not ``(inputs, target)``. It gets
             the batch already on ``device``.
+        metric_inputs: ``metric_inputs(outputs, target)`` returns what the metrics take, when the model's outputs
+            are not (the criterion still gets ``outputs`` and ``target``): a tuple, the arguments of every
+            metric's ``update`` (``lambda outputs, target: (outputs[0], target[0])`` for a forward that returns
+            ``(logits, aux)`` and a target ``(y, weight)``), or a dict from metric name to that metric's arguments
+            (one metric per head; needs ``metrics`` as a dict). Default: ``(outputs, target)``.
         device: where batches go; default: the device of the model's first parameter or buffer (CPU if none).
         progress: show a tqdm bar counting samples, with the running values in its postfix.
         desc: the bar's label.
@@ -122,8 +132,9 @@ def validate(
 
     Raises:
         TypeError: if ``metrics`` are not torchmetrics objects, a batch cannot be unpacked as ``(inputs, target)``,
-            ``step`` does not return ``(outputs, target)``, the criterion does not return a tensor, or a metric
-            computes something other than a scalar.
+            ``step`` does not return ``(outputs, target)``, the criterion does not return a tensor, ``metric_inputs``
+            returns something else than a tuple or a dict of tuples, a metric fails on inputs that are not tensors
+            (the message gives the ``metric_inputs`` to write), or a metric computes something other than a scalar.
         ValueError: if neither ``criterion`` nor ``metrics`` is given, a metric is named ``"loss"`` next to a
             criterion, two results share a name, the dataloader yields no batch, or the criterion returns a
             non-scalar.
@@ -143,6 +154,12 @@ def validate(
             f"Expected argument `step` to be a callable `step(batch, model) -> (outputs, target)` but got "
             f"{type(step).__name__}."
         )
+    if metric_inputs is not None and not callable(metric_inputs):
+        raise TypeError(
+            "Expected argument `metric_inputs` to be a callable `metric_inputs(outputs, target) -> (preds, target)` "
+            f"but got {describe(metric_inputs)}. Pass e.g. "
+            "`metric_inputs=lambda outputs, target: (outputs[0], target)`."
+        )
     if _known_len(dataloader) == 0:
         raise ValueError(_EMPTY)
     target_device = torch.device(device) if device is not None else _model_device(model)
@@ -160,7 +177,7 @@ def validate(
         if progress:
             bar = tqdm(total=_num_samples(dataloader), desc=desc, unit=" samples")
         with evaluating(model, inference_mode=step is None):
-            loss_sum, seen = _run(model, dataloader, criterion, named, step, target_device, bar)
+            loss_sum, seen = _run(model, dataloader, criterion, named, step, target_device, bar, metric_inputs)
             values = _values(loss_sum, seen, named)
         if bar is not None:
             bar.set_postfix(format_postfix(values), refresh=False)
@@ -187,6 +204,7 @@ def _run(
     step: Step | None,
     device: torch.device,
     bar: Any,
+    metric_inputs: MetricInputs | None = None,
 ) -> tuple[Tensor | None, int]:
     """Run the batch loop: on-device sums only; the host learns batch sizes from shapes, never from values."""
     throttle = Throttle(_REFRESH_INTERVAL)
@@ -209,8 +227,7 @@ def _run(
             if loss_sum is None:
                 loss_sum = torch.zeros((), dtype=sum_dtype(loss.device), device=loss.device)
             loss_sum.add_(loss.detach(), alpha=n)
-        for _, metric in named:
-            metric.update(outputs, target)
+        _update_metrics(named, outputs, target, metric_inputs)
         seen += n
         if bar is not None:
             if throttle.due():
@@ -319,6 +336,34 @@ def _criterion_error(loss: object) -> Exception:
         f"Expected `criterion(outputs, target)` to return a scalar (the batch mean) but it returned a tensor of "
         f"shape {tuple(loss.shape)}. validate() weights each batch mean by the batch size itself: use "
         "`reduction='mean'`, e.g. `criterion=nn.CrossEntropyLoss(reduction='mean')`."
+    )
+
+
+def _update_metrics(
+    named: list[tuple[str | None, Any]], outputs: Any, target: Any, metric_inputs: MetricInputs | None
+) -> None:
+    """Update every metric with what ``metric_inputs`` returned (default: ``(outputs, target)``)."""
+    if not named:
+        return
+    if metric_inputs is None:
+        inputs = [(outputs, target)] * len(named)
+    else:
+        result = metric_inputs(outputs, target)
+        if isinstance(result, Mapping) and named[0][0] is None:
+            raise TypeError(
+                "Expected `metrics` as a dict `{name: Metric}` when `metric_inputs` returns the inputs of each metric "
+                "by name, but got a `MetricCollection` (which updates all its members with the same inputs). Pass "
+                "`metrics={'acc_a': MulticlassAccuracy(num_classes=10), 'acc_b': ...}`."
+            )
+        inputs = split_inputs(result, [name or "" for name, _ in named], hook="`metric_inputs(outputs, target)`")
+    for (name, metric), args in zip(named, inputs, strict=True):
+        update_metric(metric, args, key=name or type(metric).__name__, outputs=outputs, target=target, fix=_fix)
+
+
+def _fix(outputs: str, target: str) -> str:
+    return (
+        "pass `metric_inputs` to validate() (a dict from metric name to its inputs gives each metric its own): "
+        f"`validate(model, loader, ..., metric_inputs=lambda outputs, target: ({outputs}, {target}))`."
     )
 
 

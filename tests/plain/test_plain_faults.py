@@ -92,7 +92,9 @@ def test_validate_gives_everything_back_then_reruns_exactly(where: str) -> None:
     acc_state, count = acc.tp.clone(), acc.update_count
     before = state(model)
     if where == "metric update":
-        acc.fail_at, fail_at, match = acc.calls + 2, None, "^inside the metric update$"
+        # The message names the metric and what it got, then the original text (the cause is chained).
+        acc.fail_at, fail_at = acc.calls + 2, None
+        match = r"^Metric `acc` \(FailingAccuracy\) failed on .*: inside the metric update$"
     else:
         fail_at = POSITIONS[["first", "middle", "last"].index(where)]
         match = f"^batch {fail_at}$"
