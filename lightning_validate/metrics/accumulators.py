@@ -56,9 +56,9 @@ class LossAccumulator:
         """Forget everything accumulated."""
         self.batches = 0
         self._pending = 0  # batches since the last fold
-        self._count = 0  # weights known on the host (sample counts from shapes)
+        self._count: float = 0  # weights known on the host (sample counts from shapes)
         self._means: list[Tensor] = []  # batch means, all with the host weight `_weight`
-        self._weight = 0
+        self._weight: float = 0
         self._weighted: list[Tensor] = []  # batch means with device weights (`_weighted_by`)
         self._weighted_by: list[Tensor] = []
         self._sums: list[Tensor] = []  # numerators

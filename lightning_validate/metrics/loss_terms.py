@@ -180,22 +180,24 @@ def batch_loss(criterion: object, outputs: Any, target: Any) -> BatchLoss | None
     if forward is None or not isinstance(outputs, Tensor) or not isinstance(target, Tensor):
         return None
     assert isinstance(criterion, nn.Module)
-    is_sum = criterion.reduction == "sum"
+    c: Any = criterion  # one of torch's loss modules: its attributes are known by the forward found above
+    is_sum = c.reduction == "sum"
     count = _COUNTED.get(forward)
     if count is not None:
         value = criterion(outputs, target)
         return BatchLoss(value, count(criterion, outputs, target), is_sum)
+    if forward in _LINEAR_CE:  # the outputs are features: only class indices have a denominator known here
+        if target.is_floating_point():
+            return None
+        return BatchLoss(criterion(outputs, target), _class_weight(c, target).sum(), is_sum)
     if target.is_floating_point():  # class probabilities: the mean over the elements, weights not normalized
         value = criterion(outputs, target)
         return BatchLoss(value, outputs.numel() // outputs.shape[1] if outputs.ndim > 1 else 1, is_sum)
-    if forward in _LINEAR_CE:
-        value = criterion(outputs, target)
-        return BatchLoss(value, _class_weight(criterion, target).sum(), is_sum)
-    if forward is nn.CrossEntropyLoss.forward and criterion.label_smoothing > 0:
+    if forward is nn.CrossEntropyLoss.forward and c.label_smoothing > 0:
         # reduction="none" gives the numerator per element (torch's own mean goes through a masked_select, a sync)
         per_element = F.cross_entropy(
-            outputs, target, weight=criterion.weight, ignore_index=criterion.ignore_index, reduction="none",
-            label_smoothing=criterion.label_smoothing,
+            outputs, target, weight=c.weight, ignore_index=c.ignore_index, reduction="none",
+            label_smoothing=c.label_smoothing,
         )
         total = per_element.sum()
         if is_sum:
@@ -233,7 +235,7 @@ def _class_weight(criterion: Any, target: Tensor) -> Tensor:
     """Per target element: ``weight[y]`` (1 without class weights), 0 where ``y == ignore_index``."""
     ignore = criterion.ignore_index if criterion.ignore_index is not None else -100
     kept = target != ignore
-    weight = criterion.weight
+    weight: Tensor | None = criterion.weight
     if weight is None:
         return kept
     return weight.take(target.masked_fill(~kept, 0)) * kept

@@ -12,8 +12,8 @@ from lightning_validate.metrics.accumulators import FOLD_EVERY as _FOLD_EVERY
 from lightning_validate.metrics.accumulators import LossAccumulator, TargetRange
 from lightning_validate.metrics.batches import batch_size_of
 from lightning_validate.metrics.checks import check_metrics
-from lightning_validate.metrics.loss_terms import BatchLoss, LossTerms
 from lightning_validate.metrics.fast_accuracy import FastMulticlassAccuracy, default_metrics
+from lightning_validate.metrics.loss_terms import BatchLoss, LossTerms
 from lightning_validate.metrics.padding import PaddingFilter, real_samples, take_first
 from lightning_validate.metrics.states import local_value
 
@@ -82,11 +82,11 @@ def test_loss_accumulator_counts_nonfinite_batches_and_rejects_bad_input():
     assert (weight, nonfinite, batches) == (11, 3, 5) and math.isnan(total)
     with pytest.raises(ValueError, match=r"first dimension 4 \(the batch size\) but got shape \(3,\)"):
         acc.update(torch.ones(3), 4)
-    with pytest.raises(TypeError, match=r"Expected the loss function to return a float tensor .* but got a tensor of shape "
-                                        r"\(\) and dtype torch.int64"):
+    with pytest.raises(TypeError, match=r"Expected the loss function to return a float tensor .* but got a "
+                                        r"tensor of shape \(\) and dtype torch.int64"):
         acc.update(torch.tensor(1), 4)
-    with pytest.raises(TypeError, match=r"Expected `LossTerms.weight` from the loss function to be a 0-dim tensor or a number "
-                                        r"but got a tensor of shape \(2,\)"):
+    with pytest.raises(TypeError, match=r"Expected `LossTerms.weight` from the loss function to be a 0-dim tensor "
+                                        r"or a number but got a tensor of shape \(2,\)"):
         acc.update(LossTerms(torch.tensor(1.0), torch.ones(2)), 2)
     with pytest.raises(TypeError, match=r"Expected `LossTerms.sum` from the loss function to be a 0-dim float tensor"):
         acc.update(LossTerms(torch.ones(2), 2), 2)

@@ -492,11 +492,13 @@ def test_error_metric_named_loss() -> None:
         validate(mlp(), [data(4)], criterion=nn.CrossEntropyLoss(), metrics={"loss": MeanSquaredError()})
 
 
-def test_error_criterion_not_scalar() -> None:
-    with pytest.raises(ValueError, match=r"to return a scalar \(the batch mean\) but it returned a tensor of shape "
-                                         r"\(4,\)\..*`criterion=nn\.CrossEntropyLoss\(reduction='mean'\)`"):
-        validate(mlp(), [data(4)], criterion=nn.CrossEntropyLoss(reduction="none"), progress=False)
-    with pytest.raises(TypeError, match=r"to return a scalar tensor but it returned float"):
+def test_error_criterion_returns_neither_a_loss_nor_terms() -> None:
+    with pytest.raises(ValueError, match=r"per-sample loss of first dimension 4 \(the batch size\) but got shape "
+                                         r"\(2,\)\. Return the batch mean .* or `LossTerms\(sum, weight\)`"):
+        validate(mlp(), [data(4)], criterion=lambda o, t: o[:2, 0], progress=False)
+    with pytest.raises(TypeError, match=r"Expected `criterion\(outputs, target\)` to return a float tensor "
+                                        r"\(the batch mean or one loss per sample\) or `LossTerms\(sum, weight\)` "
+                                        r"but got float 0.5"):
         validate(mlp(), [data(4)], criterion=lambda o, t: 0.5, progress=False)  # type: ignore[arg-type,return-value]
 
 
