@@ -379,8 +379,14 @@ class CountSyncs:
             setattr(torch.Tensor, name, original)
 
 
+@pytest.mark.parametrize("criterion", [
+    nn.CrossEntropyLoss(),
+    nn.CrossEntropyLoss(weight=torch.linspace(0.5, 2.0, 10), ignore_index=3),  # a weight on the device per batch
+    nn.CrossEntropyLoss(weight=torch.linspace(0.5, 2.0, 10), ignore_index=3, label_smoothing=0.1),
+], ids=["ce", "ce_weight_ignore", "ce_weight_ignore_smoothing"])
 @pytest.mark.parametrize("progress", [True, False])
-def test_no_sync_per_batch_only_at_refreshes_and_the_end(progress: bool, monkeypatch: pytest.MonkeyPatch,
+def test_no_sync_per_batch_only_at_refreshes_and_the_end(progress: bool, criterion: nn.Module,
+                                                          monkeypatch: pytest.MonkeyPatch,
                                                           bars: list[RecordingTqdm]) -> None:
     model = mlp()
     # validate_args=False: torchmetrics' argument checks may read values; those reads are the metric's, not the loop's.
@@ -391,7 +397,7 @@ def test_no_sync_per_batch_only_at_refreshes_and_the_end(progress: bool, monkeyp
         x, y = data(10 * num_batches)
         batches = [(x[i:i + 10], y[i:i + 10]) for i in range(0, len(y), 10)]
         with CountSyncs() as calls:
-            validate(model, batches, criterion=nn.CrossEntropyLoss(), metrics={"acc": acc}, progress=progress)
+            validate(model, batches, criterion=criterion, metrics={"acc": acc}, progress=progress)
         return calls
 
     rare, rare_many = run(5, 1e9), run(40, 1e9)
