@@ -26,8 +26,8 @@ Example:
     ...            (torch.randn(1, 3, 4), torch.tensor([[255, 255, 255, 2]]))]
     >>> total = weight = 0.0
     >>> for outputs, target in batches:
-    ...     value, w = batch_loss(criterion, outputs, target)  # the batch mean, over w non-ignored pixels
-    ...     total, weight = total + value.item() * w.item(), weight + w.item()
+    ...     batch = batch_loss(criterion, outputs, target)  # the batch mean, over `weight` pixels not ignored
+    ...     total, weight = total + batch.value.item() * batch.weight.item(), weight + batch.weight.item()
     >>> whole = criterion(torch.cat([o for o, _ in batches]), torch.cat([t for _, t in batches]))
     >>> abs(total / weight - whole.item()) < 1e-6, weight
     (True, 6.0)
@@ -45,7 +45,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-__all__ = ["BatchLoss", "LossTerms", "batch_loss", "sample_terms", "value_terms"]
+__all__ = ["BatchLoss", "LossTerms", "batch_loss", "known", "sample_terms", "value_terms"]
 
 
 class LossTerms(NamedTuple):
