@@ -72,17 +72,21 @@ class LossAccumulator:
         self.add(value_terms(loss, n, is_sum=self.reduction == "sum"))
 
     def add(self, batch: BatchLoss) -> None:
-        """Add one batch's value and weight (no device work beyond a detach)."""
-        value, weight = batch.value.detach(), batch.weight
+        """Add one batch's value and weight (no device work)."""
+        value, weight = batch.value, batch.weight
+        if value.requires_grad:  # kept until the next fold: without the graph (checked first: detach costs more)
+            value = value.detach()
+        if isinstance(weight, Tensor) and weight.requires_grad:
+            weight = weight.detach()
         if batch.is_sum:
             self._sums.append(value)
             if isinstance(weight, Tensor):
-                self._sum_weights.append(weight.detach())
+                self._sum_weights.append(weight)
             else:
                 self._count += weight
         elif isinstance(weight, Tensor):
             self._weighted.append(value)
-            self._weighted_by.append(weight.detach())
+            self._weighted_by.append(weight)
         elif weight:  # a mean over no element (nan) adds nothing
             if weight != self._weight:  # equal weights (all batches but the last) are applied once, when folded
                 self._fold()

@@ -182,6 +182,10 @@ def batch_loss(criterion: object, outputs: Any, target: Any) -> BatchLoss | None
     assert isinstance(criterion, nn.Module)
     c: Any = criterion  # one of torch's loss modules: its attributes are known by the forward found above
     is_sum = c.reduction == "sum"
+    if forward in _CLASS_INDEX and not target.is_floating_point() and (
+        forward is nn.NLLLoss.forward or c.label_smoothing == 0
+    ):  # the common case first: class indices, no label smoothing
+        return _nll(c, outputs, target, log_softmax=forward is nn.CrossEntropyLoss.forward)
     count = _COUNTED.get(forward)
     if count is not None:
         value = criterion(outputs, target)
@@ -204,25 +208,32 @@ def batch_loss(criterion: object, outputs: Any, target: Any) -> BatchLoss | None
             return BatchLoss(total, 0, True)
         weight = _class_weight(criterion, target).sum()
         return BatchLoss(total, weight, True, total / weight)
-    return _nll(criterion, outputs, target, log_softmax=forward is nn.CrossEntropyLoss.forward)
+    raise AssertionError(f"unreachable: {criterion!r}")  # every forward in _forward_of is handled above
+
+
+# The ATen operators F.nll_loss runs (its 1-2 dim and 4 dim cases); they also return the total weight, which F drops.
+_NLL_FORWARD = torch.ops.aten.nll_loss_forward.default
+_NLL2D_FORWARD = torch.ops.aten.nll_loss2d_forward.default
 
 
 def _nll(criterion: Any, outputs: Tensor, target: Tensor, *, log_softmax: bool) -> BatchLoss | None:
     """``cross_entropy``/``nll_loss`` as torch runs them, keeping the total weight torch computes and drops."""
     nd = outputs.ndim
-    if nd == 0 or (nd == 1 and target.ndim != 0) or (nd >= 2 and target.shape != outputs.shape[:1] + outputs.shape[2:]):
+    if (
+        nd == 0
+        or (nd >= 2 and (target.ndim == 0 or target.shape[0] != outputs.shape[0]))
+        or ((nd == 3 or nd > 4) and target.shape != outputs.shape[:1] + outputs.shape[2:])
+    ):  # shapes torch rejects with a message of its own; the operators check the remaining cases themselves
         return _fallback(criterion, outputs, target)
     logp = F.log_softmax(outputs, 1 if nd >= 2 else 0) if log_softmax else outputs
     reduction = 2 if criterion.reduction == "sum" else 1  # torch's enum: 1 mean, 2 sum
-    ignore = int(criterion.ignore_index)
-    weight = criterion.weight
     if nd <= 2:
-        value, total = torch.ops.aten.nll_loss_forward(logp, target, weight, reduction, ignore)
+        value, total = _NLL_FORWARD(logp, target, criterion.weight, reduction, criterion.ignore_index)
     else:
         if nd != 4:  # torch's nll_loss_nd views (N, C, d1, ...) as (N, C, 1, d1 * ...)
             n, c = logp.shape[:2]
             logp, target = logp.contiguous().view(n, c, 1, -1), target.contiguous().view(n, 1, -1)
-        value, total = torch.ops.aten.nll_loss2d_forward(logp, target, weight, reduction, ignore)
+        value, total = _NLL2D_FORWARD(logp, target, criterion.weight, reduction, criterion.ignore_index)
     return BatchLoss(value, total, reduction == 2)
 
 
