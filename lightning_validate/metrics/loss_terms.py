@@ -56,9 +56,8 @@ class LossTerms(NamedTuple):
 
     ```python
     def compute_loss(self, outputs, target):
-        per_pixel = F.cross_entropy(outputs, target, reduction="none")  # (N, H, W)
-        mask = target != 255
-        return LossTerms(sum=(per_pixel * mask).sum(), weight=mask.sum())
+        per_pixel = F.cross_entropy(outputs, target, ignore_index=255, reduction="none")  # (N, H, W), 0 if void
+        return LossTerms(sum=per_pixel.sum(), weight=(target != 255).sum())
     ```
 
     Attributes:
