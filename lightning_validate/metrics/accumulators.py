@@ -1,6 +1,6 @@
 """Device-side accumulators for exact epoch values: no host-device synchronization per batch.
 
-Each batch appends one device scalar, folded into running sums every few hundred batches; ``summary()`` gives one
+Each batch appends device scalars, folded into running sums every few hundred batches; ``summary()`` gives one
 tensor ready for one ``all_reduce(SUM)`` across processes.
 
 Example:
@@ -8,8 +8,8 @@ Example:
     >>> acc = LossAccumulator()
     >>> acc.update(torch.tensor(1.0), 3)  # a batch of 3 with mean loss 1
     >>> acc.update(torch.tensor(4.0), 1)  # a last batch of 1 with loss 4
-    >>> total, count, nonfinite, batches = acc.summary().tolist()
-    >>> total / count  # (3 * 1 + 1 * 4) / 4, not (1 + 4) / 2
+    >>> total, weight, nonfinite, batches = acc.summary().tolist()
+    >>> total / weight  # (3 * 1 + 1 * 4) / 4, not (1 + 4) / 2
     1.75
 
 """
@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from lightning_validate.metrics.loss_terms import BatchLoss, value_terms
 
 __all__ = ["FOLD_EVERY", "LossAccumulator", "TargetRange", "sum_dtype"]
 
@@ -31,15 +33,16 @@ def sum_dtype(device: torch.device) -> torch.dtype:
 
 
 class LossAccumulator:
-    """Exact per-sample mean of a loss over an epoch, kept on the loss's device.
+    """The loss of an epoch as ``sum / weight`` (``reduction="sum"``: the sum), kept on the loss's device.
 
-    ``update(loss, n)`` takes the batch mean (a 0-dim tensor) and the number of samples, or a per-sample loss
-    (a tensor whose first dimension is ``n``; further dimensions are averaged per sample). Each call costs one
-    small device operation and never synchronizes; ``summary()`` gives ``[sum, count, non-finite batches,
-    batches]`` as one tensor, ready for one ``all_reduce(SUM)`` across processes.
+    ``add(batch)`` takes a ``BatchLoss`` (``metrics.loss_terms``): a batch mean with its weight, or a numerator
+    with its weight. ``update(loss, n)`` takes what a criterion the library cannot see into returned (a batch
+    mean, a per-sample loss or ``LossTerms``; see ``value_terms``). Each call appends device scalars and never
+    synchronizes; ``summary()`` gives ``[sum, weight, non-finite batches, batches]`` as one tensor, ready for one
+    ``all_reduce(SUM)`` across processes. A batch of weight 0 (all targets ignored) adds nothing, not nan.
 
     Args:
-        reduction: ``"mean"`` (a 0-dim loss is the batch mean) or ``"sum"`` (a 0-dim loss is the batch sum).
+        reduction: ``"mean"`` (the epoch value is ``sum / weight``) or ``"sum"`` (the epoch value is ``sum``).
 
     """
 
@@ -51,71 +54,117 @@ class LossAccumulator:
 
     def reset(self) -> None:
         """Forget everything accumulated."""
-        self.count = 0
         self.batches = 0
-        self._parts: list[Tensor] = []  # batch sums
-        self._means: list[Tensor] = []  # batch means, all of batches of `_weight` samples
-        self._weight = 0
+        self._pending = 0  # batches since the last fold
+        self._count: float = 0  # weights known on the host (sample counts from shapes)
+        self._means: list[Tensor] = []  # batch means, all with the host weight `_weight`
+        self._weight: float = 0
+        self._weighted: list[Tensor] = []  # batch means with device weights (`_weighted_by`)
+        self._weighted_by: list[Tensor] = []
+        self._sums: list[Tensor] = []  # numerators
+        self._sum_weights: list[Tensor] = []  # device weights of numerators (host ones are in `_count`)
         self._total: Tensor | None = None
+        self._weight_total: Tensor | None = None
         self._nonfinite: Tensor | None = None
 
-    def update(self, loss: Tensor, n: int) -> None:
-        """Add one batch: its loss (see the class docstring) and its number of samples ``n`` (a Python int)."""
-        loss = loss.detach()
-        if loss.ndim == 0:
-            if self.reduction == "sum":
-                part = loss
-            else:  # batch means of equal-sized batches are kept as they are and weighted once, when folded
-                if n != self._weight:
-                    self._fold()
-                    self._weight = n
-                self._means.append(loss)
-                self.count += n
-                self.batches += 1
-                if len(self._means) >= FOLD_EVERY:
-                    self._fold()
-                return
-        else:
-            if loss.shape[0] != n:
-                raise ValueError(
-                    f"Expected a per-sample loss of first dimension {n} (the batch size) but got shape "
-                    f"{tuple(loss.shape)}. Return the batch mean (a 0-dim tensor) or one loss per sample."
-                )
-            part = (loss.reshape(n, -1).mean(1) if loss.ndim > 1 else loss).sum()
-        self._parts.append(part)
-        self.count += n
+    def update(self, loss: object, n: int) -> None:
+        """Add one batch of ``n`` samples from what a criterion returned (see ``value_terms``)."""
+        self.add(value_terms(loss, n, is_sum=self.reduction == "sum"))
+
+    def add(self, batch: BatchLoss) -> None:
+        """Add one batch's value and weight (no device work)."""
+        value, weight = batch.value, batch.weight
+        if value.requires_grad:  # kept until the next fold: without the graph (checked first: detach costs more)
+            value = value.detach()
+        if isinstance(weight, Tensor) and weight.requires_grad:
+            weight = weight.detach()
+        if batch.is_sum:
+            self._sums.append(value)
+            if isinstance(weight, Tensor):
+                self._sum_weights.append(weight)
+            else:
+                self._count += weight
+        elif isinstance(weight, Tensor):
+            self._weighted.append(value)
+            self._weighted_by.append(weight)
+        elif weight:  # a mean over no element (nan) adds nothing
+            if weight != self._weight:  # equal weights (all batches but the last) are applied once, when folded
+                self._fold()
+                self._weight = weight
+            self._means.append(value)
+            self._count += weight
         self.batches += 1
-        if len(self._parts) >= FOLD_EVERY:
+        self._pending += 1
+        if self._pending >= FOLD_EVERY:
             self._fold()
 
     def _fold(self) -> None:
-        for values, weight in ((self._parts, 1), (self._means, self._weight)):
-            if not values:
-                continue
-            chunk = torch.stack(values)
-            values.clear()
-            total = chunk.sum(dtype=sum_dtype(chunk.device)) * weight
-            nonfinite = torch.isfinite(chunk).logical_not().sum()
+        self._pending = 0
+        totals: list[Tensor] = []
+        weights: list[Tensor] = []
+        bad: list[Tensor] = []
+        if self._means:
+            chunk = torch.stack(self._means)
+            dtype = sum_dtype(chunk.device)
+            totals.append(chunk.sum(dtype=dtype) * self._weight)
+            bad.append(torch.isfinite(chunk).logical_not().sum())
+        if self._weighted:
+            means, by = torch.stack(self._weighted), torch.stack(self._weighted_by)
+            dtype = sum_dtype(means.device)
+            by = by.to(dtype)
+            # A batch with nothing counted has mean nan and weight 0: it adds 0 (where, not a branch on values).
+            parts = torch.where(by != 0, means.to(dtype) * by, 0.0)
+            totals.append(parts.sum())
+            weights.append(by.sum())
+            bad.append(torch.isfinite(parts).logical_not().sum())
+        if self._sums:
+            chunk = torch.stack(self._sums)
+            dtype = sum_dtype(chunk.device)
+            totals.append(chunk.sum(dtype=dtype))
+            bad.append(torch.isfinite(chunk).logical_not().sum())
+        if self._sum_weights:
+            weights.append(torch.stack(self._sum_weights).sum(dtype=sum_dtype(self._sum_weights[0].device)))
+        self._means, self._weighted, self._weighted_by, self._sums, self._sum_weights = [], [], [], [], []
+        for total in totals:
             self._total = total if self._total is None else self._total + total
-            self._nonfinite = nonfinite if self._nonfinite is None else self._nonfinite + nonfinite
+        for weight in weights:
+            self._weight_total = weight if self._weight_total is None else self._weight_total + weight
+        for count in bad:
+            self._nonfinite = count if self._nonfinite is None else self._nonfinite + count
 
     def summary(self, device: torch.device | None = None) -> Tensor:
-        """``[sum, count, non-finite batches, batches]`` as one tensor (float64 except on MPS); no sync."""
+        """``[sum, weight, non-finite batches, batches]`` as one tensor (float64 except on MPS); no sync."""
         self._fold()
         if self._total is None or self._nonfinite is None:
             dev = device if device is not None else torch.device("cpu")
-            return torch.zeros(4, dtype=sum_dtype(dev), device=dev)
+            summary = torch.zeros(4, dtype=sum_dtype(dev), device=dev)
+            summary[1], summary[3] = float(self._count), float(self.batches)  # batches of nothing (weight 0)
+            return summary
         total = self._total
+        weight = total.new_tensor(float(self._count))
+        if self._weight_total is not None:
+            weight = weight + self._weight_total.to(total.dtype)
         return torch.stack(
-            [total, total.new_tensor(self.count), self._nonfinite.to(total.dtype), total.new_tensor(self.batches)]
+            [total, weight, self._nonfinite.to(total.dtype), total.new_tensor(float(self.batches))]
         )
 
-    def running_mean(self) -> Tensor | None:
-        """Return the mean so far as a device scalar (``None`` before the first batch); reading it is one sync."""
+    def value(self, total: float, weight: float) -> float:
+        """The epoch value from ``summary()``'s first two entries (after any reduction across processes)."""
+        if self.reduction == "sum":
+            return total
+        return total / weight if weight else float("nan")
+
+    def running_value(self) -> Tensor | None:
+        """The epoch value so far as a device scalar (``None`` before the first batch); reading it is one sync."""
         self._fold()
-        if self._total is None or self.count == 0:
+        if self._total is None:
             return None
-        return self._total / self.count
+        if self.reduction == "sum":
+            return self._total
+        weight = self._total.new_tensor(float(self._count))
+        if self._weight_total is not None:
+            weight = weight + self._weight_total.to(self._total.dtype)
+        return self._total / weight
 
 
 class TargetRange:

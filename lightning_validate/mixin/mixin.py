@@ -49,6 +49,7 @@ from lightning_validate.metrics.batches import batch_size_of, describe, unpack_e
 from lightning_validate.metrics.checks import check_metrics
 from lightning_validate.metrics.fast_accuracy import default_metrics
 from lightning_validate.metrics.inputs import fix_code, split_inputs, update_metric
+from lightning_validate.metrics.loss_terms import BatchLoss, LossTerms, batch_loss, value_terms
 from lightning_validate.metrics.padding import PaddingFilter, real_samples, take_first
 from lightning_validate.metrics.states import local_value
 from lightning_validate.mixin.bars import RunningBar, running_bar
@@ -142,8 +143,10 @@ class ValidationMixin(_Base):
     What is logged, once per epoch: ``val/loss`` and ``val/<name>`` (``test/...``); with several dataloaders
     ``val/<name>/dataloader_idx_<i>`` (Lightning's convention) or ``val/<name>/<your name>`` from
     ``val_dataloader_names``. Training logs ``train/loss`` per step and, per epoch, ``train/loss_epoch`` and
-    ``train/<name>``. The loss is the exact per-sample mean; under DDP the samples ``DistributedSampler`` repeats
-    to pad the ranks are not counted. ``metrics_history`` keeps one record per training epoch of ``fit``
+    ``train/<name>``. The loss is the criterion applied once to the whole stage's data (``criterion(cat(outputs),
+    cat(targets))``): exact for every ``torch.nn`` loss, also ``CrossEntropyLoss(weight=..., ignore_index=...)``;
+    for your own ``compute_loss`` see its docstring. Under DDP the samples ``DistributedSampler`` repeats to pad
+    the ranks are not counted. ``metrics_history`` keeps one record per training epoch of ``fit``
     (``{"epoch": 0, "train/loss": ..., "val/acc": ...}``), without the sanity check and without
     ``trainer.validate()``/``trainer.test()`` runs (those return their values); it is saved in checkpoints and
     restored from them, so a resumed run keeps the earlier epochs. The metric clones are registered as
@@ -200,8 +203,14 @@ class ValidationMixin(_Base):
         _DEFAULTS.update(metrics.values())  # so that shapes are checked for them, also via super()
         return metrics
 
-    def compute_loss(self, outputs: Any, target: Any) -> Tensor:
-        """Return the loss of a batch: the batch mean (0-dim) or one value per sample. Default: ``self.criterion``."""
+    def compute_loss(self, outputs: Any, target: Any) -> Tensor | LossTerms:
+        """Return the loss of a batch. Default: ``self.criterion(outputs, target)``.
+
+        With the default, a ``torch.nn`` loss module is exact as it is (the mixin reads its numerator and
+        denominator, ``docs/losses.md``). An override is exact when it returns one value per sample (or per
+        element; each counts once), or ``LossTerms(sum, weight)`` for a weighted mean. A 0-dim batch mean is
+        weighted by the batch size: exact only when it is a mean over samples.
+        """
         criterion = getattr(self, "criterion", None)
         if criterion is None:
             raise TypeError(_MISSING_CRITERION.format(name=type(self).__name__))
@@ -282,8 +291,8 @@ class ValidationMixin(_Base):
         if epoch.check_default and loader.unchecked:
             self._lv_check_default(loader, inputs, outputs, target)
             loader.unchecked = False
-        loss = self._lv_loss(outputs, target)
-        loader.loss.update(loss, keep)
+        batch = self._lv_loss(outputs, target, keep, loader.loss.reduction == "sum")
+        loader.loss.add(batch)
         if loader.targets is not None and isinstance(target, Tensor):
             loader.targets.update(target)
         for (name, metric), args in zip(loader.metrics, inputs, strict=True):
@@ -291,7 +300,7 @@ class ValidationMixin(_Base):
                           fix=_hook_fix)
         if epoch.bar is not None and loader.throttle.due():
             _show_running(epoch.bar, loader)
-        return loss if loss.ndim == 0 else loss.mean()
+        return batch.step_loss
 
     # ----------------------------------------------------------------------------------------------------------
     # Lightning hooks
@@ -666,15 +675,20 @@ class ValidationMixin(_Base):
         values: dict[str, float] = {}
         keys: list[str] = []  # metric keys, read back together below
         tensors: list[Tensor] = []
-        for ld, (total, count, nonfinite, batches, bad), (neg_lo, hi) in zip(loaders, rows, ext, strict=True):
-            if count == 0:  # nothing counted (a custom step that did not call update_metrics): nothing to log
+        for ld, (total, weight, nonfinite, batches, bad), (neg_lo, hi) in zip(loaders, rows, ext, strict=True):
+            if batches == 0:  # nothing counted (a custom step that did not call update_metrics): nothing to log
                 continue
             loss_key = f"{stage}/loss{ld.suffix}"
-            values[loss_key] = total / count
+            values[loss_key] = loss = ld.loss.value(total, weight)
             if nonfinite:
                 problems.append(
                     f"{int(nonfinite)} of {int(batches)} {stage} batches gave a non-finite loss (nan or inf), so "
-                    f"`{loss_key}` is {total / count}. Check the inputs and `compute_loss`"
+                    f"`{loss_key}` is {loss}. Check the inputs and `compute_loss`"
+                )
+            elif weight == 0 and ld.loss.reduction == "mean":
+                problems.append(
+                    f"`{loss_key}` is nan: the loss's weight summed to 0 over the {int(batches)} {stage} batches "
+                    "(every target was `ignore_index`, or every class weight 0)"
                 )
             if bad:
                 problems.append(
@@ -729,11 +743,15 @@ class ValidationMixin(_Base):
             )
         return values
 
-    def _lv_loss(self, outputs: Any, target: Any) -> Tensor:
+    def _lv_loss(self, outputs: Any, target: Any, n: int, is_sum: bool) -> BatchLoss:
+        """The batch's loss and its weight: exact terms for a torch criterion, else what ``compute_loss`` returns."""
+        # The default compute_loss (not overridden in the class or on the instance) calls the criterion: see into it.
+        default = getattr(self.compute_loss, "__func__", None) is ValidationMixin.compute_loss
         try:
-            loss = self.compute_loss(outputs, target)
+            batch = batch_loss(getattr(self, "criterion", None), outputs, target) if default else None
+            loss = self.compute_loss(outputs, target) if batch is None else None
         except (RuntimeError, ValueError, IndexError) as err:
-            if type(self).compute_loss is not ValidationMixin.compute_loss:
+            if not default:
                 raise
             hint = (
                 " If the target has a trailing dimension of 1, return `x, y.squeeze(1)` from `unpack_batch`."
@@ -744,12 +762,7 @@ class ValidationMixin(_Base):
                 f"`criterion` ({getattr(self, 'criterion', None)!r}) failed on outputs {describe(outputs)} and "
                 f"target {describe(target)}: {err}.{hint}"
             ) from err
-        if not isinstance(loss, Tensor) or not loss.is_floating_point():
-            raise TypeError(
-                f"Expected `compute_loss` to return a float tensor (the batch mean or one loss per sample) but got "
-                f"{describe(loss)}."
-            )
-        return loss
+        return batch if batch is not None else value_terms(loss, n, is_sum=is_sum, what="`compute_loss`")
 
     def _lv_metric_inputs(self, loader: _Loader, outputs: Any, target: Any) -> list[tuple[Any, ...]]:
         """The ``update`` arguments of each of ``loader``'s metrics, from ``metric_inputs``."""
@@ -898,7 +911,7 @@ def _show_running(bar: RunningBar, loader: _Loader) -> None:
     """Put this dataloader's running loss and metrics on the bar: one read-back from the device."""
     names: list[str] = []
     values: list[Tensor] = []
-    loss = loader.loss.running_mean()
+    loss = loader.loss.running_value()
     if loss is not None:
         names.append("loss")
         values.append(loss.to(torch.float64))

@@ -7,7 +7,8 @@ advances its bar by ``dataloader.batch_size`` (overshooting on the last batch), 
 submodule that was in eval on purpose) and leaves the model in eval mode when a batch raises. ``validate()`` keeps
 its shape (a tqdm bar "Valid" with running values) and fixes all five:
 
-- the loss is the exact per-sample mean: ``sum(loss * batch_size) / number of samples``, summed on the device;
+- the loss is the criterion applied once to the whole set, ``criterion(cat(outputs), cat(targets))``, from a sum
+  and a weight per batch kept on the device (exact also for ``CrossEntropyLoss(weight=..., ignore_index=...)``);
 - metrics are torchmetrics objects, which accumulate exact epoch statistics;
 - the bar counts samples, advances by each batch's real size and reads running values at most four times per
   second, so nothing synchronizes with the device per batch;
@@ -38,10 +39,11 @@ from torch import Tensor, nn
 from torchmetrics import Metric, MetricCollection
 from tqdm.auto import tqdm  # type: ignore[import-untyped]
 
-from lightning_validate.metrics.accumulators import sum_dtype
+from lightning_validate.metrics.accumulators import LossAccumulator, sum_dtype
 from lightning_validate.metrics.batches import batch_size_of, describe, to_device, unpack_example
 from lightning_validate.metrics.checks import check_metric_dict
 from lightning_validate.metrics.inputs import split_inputs, update_metric
+from lightning_validate.metrics.loss_terms import LossTerms, batch_loss, value_terms
 from lightning_validate.metrics.states import restore_states, save_states
 from lightning_validate.plain.context import evaluating
 from lightning_validate.progress import DEFAULT_INTERVAL, Throttle, format_postfix
@@ -53,6 +55,7 @@ Step = Callable[[Any, nn.Module], Sequence[Any]]
 
 #: ``metric_inputs(outputs, target) -> (preds, target)`` for every metric, or ``{name: (preds, target)}``.
 MetricInputs = Callable[[Any, Any], Sequence[Any] | Mapping[str, Sequence[Any]]]
+_CRITERION = "`criterion(outputs, target)`"
 
 #: Seconds between two reads of the running values for the bar (each read is one host-device synchronization).
 _REFRESH_INTERVAL = DEFAULT_INTERVAL
@@ -61,7 +64,7 @@ def validate(
     model: nn.Module,
     dataloader: Iterable[Any],
     *,
-    criterion: Callable[[Any, Any], Tensor] | None = None,
+    criterion: Callable[[Any, Any], Tensor | LossTerms] | None = None,
     metrics: Mapping[str, Metric] | MetricCollection | None = None,
     step: Step | None = None,
     metric_inputs: MetricInputs | None = None,
@@ -93,10 +96,14 @@ def validate(
     is not moved: it must already be there. The metrics are: they are modules, moved with ``.to(device)`` and left
     there, as ``model.to()`` would.
 
-    The loss is the exact per-sample mean over the whole dataloader: each batch's loss is weighted by its batch
-    size (the first dimension of ``target``), so a short last batch counts for what it holds. This is exact for a
-    criterion that averages over the samples of a batch (``reduction="mean"``; not with class ``weight=`` or
-    ``ignore_index``, whose means are not per sample). Loss sums stay on the device until the end.
+    The loss is ``criterion(cat(all outputs), cat(all targets))``: the criterion applied once to the whole
+    dataloader (``reduction="sum"``: the sum over it). For every ``torch.nn`` loss module this is exact by
+    itself: each batch adds torch's own numerator and denominator (for ``CrossEntropyLoss(weight=w,
+    ignore_index=i)``, ``sum(w[y])`` over the targets not ignored; a batch with every target ignored adds nothing).
+    Any other criterion is exact when it returns one loss per sample (or per element: each counts once) or
+    ``LossTerms(sum, weight)``; a 0-dim batch mean is weighted by the batch size (the first dimension of
+    ``target``), which is exact only for a mean over samples (``docs/losses.md``). Sums stay on the device until
+    the end.
 
     The metrics are reset when ``validate()`` starts (a metric that was updated before, during training, would
     otherwise mix in training data) and are left holding this run's states, so ``metric.compute()`` afterwards
@@ -112,8 +119,9 @@ def validate(
     Args:
         model: the model (a ``torch.compile``d or DDP-wrapped module is fine).
         dataloader: any iterable of batches, usually a ``torch.utils.data.DataLoader``.
-        criterion: ``criterion(outputs, target)`` returning a scalar tensor, e.g. ``nn.CrossEntropyLoss()``.
-            Its result is returned as ``"loss"``.
+        criterion: a ``torch.nn`` loss module, e.g. ``nn.CrossEntropyLoss(ignore_index=255)``, or any
+            ``criterion(outputs, target)`` returning the batch mean, one loss per sample, or ``LossTerms``. Its
+            value over the whole dataloader is returned as ``"loss"``.
         metrics: a dict of torchmetrics ``Metric`` objects or a ``MetricCollection``; results keep their names.
         step: ``step(batch, model) -> (outputs, target)`` for batches that are not ``(inputs, target)``. It gets
             the batch already on ``device``.
@@ -132,12 +140,13 @@ def validate(
 
     Raises:
         TypeError: if ``metrics`` are not torchmetrics objects, a batch cannot be unpacked as ``(inputs, target)``,
-            ``step`` does not return ``(outputs, target)``, the criterion does not return a tensor, ``metric_inputs``
-            returns something else than a tuple or a dict of tuples, a metric fails on inputs that are not tensors
-            (the message gives the ``metric_inputs`` to write), or a metric computes something other than a scalar.
+            ``step`` does not return ``(outputs, target)``, the criterion returns neither a float tensor nor
+            ``LossTerms``, ``metric_inputs`` returns something else than a tuple or a dict of tuples, a metric fails
+            on inputs that are not tensors (the message gives the ``metric_inputs`` to write), or a metric computes
+            something other than a scalar.
         ValueError: if neither ``criterion`` nor ``metrics`` is given, a metric is named ``"loss"`` next to a
             criterion, two results share a name, the dataloader yields no batch, or the criterion returns a
-            non-scalar.
+            per-sample loss whose first dimension is not the batch size.
 
     """
     collection, metric_list = _check_metrics(metrics, with_criterion=criterion is not None)
@@ -177,8 +186,8 @@ def validate(
         if progress:
             bar = tqdm(total=_num_samples(dataloader), desc=desc, unit=" samples")
         with evaluating(model, inference_mode=step is None):
-            loss_sum, seen = _run(model, dataloader, criterion, named, step, target_device, bar, metric_inputs)
-            values = _values(loss_sum, seen, named)
+            loss, _ = _run(model, dataloader, criterion, named, step, target_device, bar, metric_inputs)
+            values = _values(loss, named)
         if bar is not None:
             bar.set_postfix(format_postfix(values), refresh=False)
         return values
@@ -199,18 +208,19 @@ _EMPTY = (
 def _run(
     model: nn.Module,
     dataloader: Iterable[Any],
-    criterion: Callable[[Any, Any], Tensor] | None,
+    criterion: Callable[[Any, Any], Tensor | LossTerms] | None,
     named: list[tuple[str | None, Any]],
     step: Step | None,
     device: torch.device,
     bar: Any,
     metric_inputs: MetricInputs | None = None,
-) -> tuple[Tensor | None, int]:
+) -> tuple[LossAccumulator | None, int]:
     """Run the batch loop: on-device sums only; the host learns batch sizes from shapes, never from values."""
     throttle = Throttle(_REFRESH_INTERVAL)
     show_metrics = not (torch.distributed.is_available() and torch.distributed.is_initialized())
-    # Not LossAccumulator: interleaved runs measured validate(criterion=...) ~9% slower with it (benchmarks/).
-    loss_sum: Tensor | None = None
+    loss = None
+    if criterion is not None:
+        loss = LossAccumulator("sum" if getattr(criterion, "reduction", "mean") == "sum" else "mean")
     seen = 0
     for batch in dataloader:
         batch = to_device(batch, device)
@@ -220,23 +230,22 @@ def _run(
         else:
             outputs, target = _check_step_result(step(batch, model))
         n = _batch_size(target, outputs)
-        if criterion is not None:
-            loss = criterion(outputs, target)
-            if not isinstance(loss, Tensor) or loss.ndim != 0:
-                raise _criterion_error(loss)
-            if loss_sum is None:
-                loss_sum = torch.zeros((), dtype=sum_dtype(loss.device), device=loss.device)
-            loss_sum.add_(loss.detach(), alpha=n)
+        if loss is not None:
+            assert criterion is not None
+            terms = batch_loss(criterion, outputs, target)  # a torch loss: its own numerator and denominator
+            if terms is None:
+                terms = value_terms(criterion(outputs, target), n, is_sum=loss.reduction == "sum", what=_CRITERION)
+            loss.add(terms)
         _update_metrics(named, outputs, target, metric_inputs)
         seen += n
         if bar is not None:
             if throttle.due():
-                running = _values(loss_sum, seen, named if show_metrics else [])
+                running = _values(loss, named if show_metrics else [])
                 bar.set_postfix(format_postfix(running), refresh=False)
             bar.update(n)
     if seen == 0:
         raise ValueError(_EMPTY)
-    return loss_sum, seen
+    return loss, seen
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -326,19 +335,6 @@ def _batch_size(target: Any, outputs: Any) -> int:
     )
 
 
-def _criterion_error(loss: object) -> Exception:
-    if not isinstance(loss, Tensor):
-        return TypeError(
-            f"Expected `criterion(outputs, target)` to return a scalar tensor but it returned {type(loss).__name__}. "
-            "Return a tensor, e.g. `criterion=nn.CrossEntropyLoss()`."
-        )
-    return ValueError(
-        f"Expected `criterion(outputs, target)` to return a scalar (the batch mean) but it returned a tensor of "
-        f"shape {tuple(loss.shape)}. validate() weights each batch mean by the batch size itself: use "
-        "`reduction='mean'`, e.g. `criterion=nn.CrossEntropyLoss(reduction='mean')`."
-    )
-
-
 def _update_metrics(
     named: list[tuple[str | None, Any]], outputs: Any, target: Any, metric_inputs: MetricInputs | None
 ) -> None:
@@ -371,11 +367,12 @@ def _fix(outputs: str, target: str) -> str:
 # Values
 
 
-def _values(loss_sum: Tensor | None, seen: int, named: list[tuple[str | None, Any]]) -> dict[str, float]:
-    """Compute the mean loss and every metric, and read them back to the host together."""
+def _values(loss: LossAccumulator | None, named: list[tuple[str | None, Any]]) -> dict[str, float]:
+    """Compute the loss and every metric, and read them back to the host together."""
     values: dict[str, Tensor | float] = {}
-    if loss_sum is not None:
-        values["loss"] = loss_sum / seen
+    running = loss.running_value() if loss is not None else None
+    if running is not None:
+        values["loss"] = running
     for name, metric in named:
         computed = metric.compute()
         _merge(values, computed if name is None else {name: computed})

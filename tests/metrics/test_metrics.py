@@ -13,6 +13,7 @@ from lightning_validate.metrics.accumulators import LossAccumulator, TargetRange
 from lightning_validate.metrics.batches import batch_size_of
 from lightning_validate.metrics.checks import check_metrics
 from lightning_validate.metrics.fast_accuracy import FastMulticlassAccuracy, default_metrics
+from lightning_validate.metrics.loss_terms import BatchLoss, LossTerms
 from lightning_validate.metrics.padding import PaddingFilter, real_samples, take_first
 from lightning_validate.metrics.states import local_value
 
@@ -27,38 +28,68 @@ def test_loss_accumulator_is_the_per_sample_mean_across_folds():
         acc.update(per_sample[start : start + n].float().mean(), n)
         start += n
     assert acc.batches > _FOLD_EVERY
-    total, count, nonfinite, batches = acc.summary().tolist()
-    assert (count, nonfinite, batches) == (1000, 0, len(sizes))
-    assert total / count == pytest.approx(per_sample.mean().item(), abs=1e-6)
-    assert acc.running_mean().item() == pytest.approx(per_sample.mean().item(), abs=1e-6)
+    total, weight, nonfinite, batches = acc.summary().tolist()
+    assert (weight, nonfinite, batches) == (1000, 0, len(sizes))
+    assert acc.value(total, weight) == pytest.approx(per_sample.mean().item(), abs=1e-6)
+    assert acc.running_value().item() == pytest.approx(per_sample.mean().item(), abs=1e-6)
 
 
-def test_loss_accumulator_sum_and_per_sample_losses():
+def test_loss_accumulator_sum_per_sample_and_terms():
     losses = torch.tensor([1.0, 2.0, 3.0, 6.0])
-    as_sum, per_sample, as_mean = LossAccumulator("sum"), LossAccumulator(), LossAccumulator()
+    per_sample, as_mean, as_terms = LossAccumulator(), LossAccumulator(), LossAccumulator()
     for acc, first, second in [
-        (as_sum, losses[:3].sum(), losses[3:].sum()),
         (per_sample, losses[:3], losses[3:]),
         (as_mean, losses[:3].mean(), losses[3:].mean()),
+        (as_terms, LossTerms(losses[:3].sum(), 3), LossTerms(losses[3:].sum(), torch.tensor(1))),
     ]:
         acc.update(first, 3)
         acc.update(second, 1)
-        assert acc.running_mean().item() == pytest.approx(3.0)
-    images = LossAccumulator()
-    images.update(torch.tensor([[1.0, 3.0], [5.0, 7.0]]), 2)  # per-pixel losses: averaged per sample first
-    assert images.running_mean().item() == pytest.approx(4.0)
+        assert acc.running_value().item() == pytest.approx(3.0)
+    as_sum = LossAccumulator("sum")  # reduction="sum": the sum over the set
+    as_sum.update(losses[:3].sum(), 3)
+    as_sum.update(losses[3:].sum(), 1)
+    assert as_sum.running_value().item() == pytest.approx(12.0)
+    assert as_sum.value(*as_sum.summary().tolist()[:2]) == pytest.approx(12.0)
+    pixels = LossAccumulator()
+    pixels.update(torch.tensor([[1.0, 3.0], [5.0, 7.0]]), 2)  # per-element losses: each counts once
+    pixels.update(torch.tensor([[10.0, 10.0]]), 1)
+    assert pixels.running_value().item() == pytest.approx(36 / 6)
+
+
+def test_loss_accumulator_batches_of_weight_zero_add_nothing():
+    acc = LossAccumulator()
+    acc.add(BatchLoss(torch.tensor(math.nan), torch.tensor(0.0)))  # a mean over nothing: torch gives nan
+    acc.add(BatchLoss(torch.tensor(2.0), torch.tensor(4.0)))
+    acc.add(BatchLoss(torch.tensor(0.0), torch.tensor(0), True))
+    acc.add(BatchLoss(torch.tensor(math.nan), 0))  # host weight 0
+    total, weight, nonfinite, batches = acc.summary().tolist()
+    assert (total, weight, nonfinite, batches) == (8.0, 4.0, 0.0, 4.0)
+    empty = LossAccumulator()
+    empty.add(BatchLoss(torch.tensor(math.nan), torch.tensor(0.0)))
+    total, weight, nonfinite, batches = empty.summary().tolist()
+    assert (total, weight, nonfinite, batches) == (0.0, 0.0, 0.0, 1.0)
+    assert math.isnan(empty.value(total, weight))
 
 
 def test_loss_accumulator_counts_nonfinite_batches_and_rejects_bad_input():
     acc = LossAccumulator()
-    assert acc.running_mean() is None
+    assert acc.running_value() is None
     assert acc.summary().tolist() == [0.0, 0.0, 0.0, 0.0]
     for value in [1.0, math.nan, 2.0, math.inf]:
         acc.update(torch.tensor(value), 2)
-    total, count, nonfinite, batches = acc.summary().tolist()
-    assert (count, nonfinite, batches) == (8, 2, 4) and math.isnan(total)
+    acc.add(BatchLoss(torch.tensor(math.nan), torch.tensor(3.0)))
+    total, weight, nonfinite, batches = acc.summary().tolist()
+    assert (weight, nonfinite, batches) == (11, 3, 5) and math.isnan(total)
     with pytest.raises(ValueError, match=r"first dimension 4 \(the batch size\) but got shape \(3,\)"):
         acc.update(torch.ones(3), 4)
+    with pytest.raises(TypeError, match=r"Expected the loss function to return a float tensor .* but got a "
+                                        r"tensor of shape \(\) and dtype torch.int64"):
+        acc.update(torch.tensor(1), 4)
+    with pytest.raises(TypeError, match=r"Expected `LossTerms.weight` from the loss function to be a 0-dim tensor "
+                                        r"or a number but got a tensor of shape \(2,\)"):
+        acc.update(LossTerms(torch.tensor(1.0), torch.ones(2)), 2)
+    with pytest.raises(TypeError, match=r"Expected `LossTerms.sum` from the loss function to be a 0-dim float tensor"):
+        acc.update(LossTerms(torch.ones(2), 2), 2)
     with pytest.raises(ValueError, match="Expected argument `reduction` to be 'mean' or 'sum' but got 'none'"):
         LossAccumulator("none")
 

@@ -231,7 +231,7 @@ def test_user_step_wins_and_can_keep_the_epoch_metrics(digits):
 
 
 def test_loss_reductions_agree(digits):
-    """A criterion that sums, one that returns per-sample losses, and the default mean give the same epoch loss."""
+    """The default mean and per-sample losses give the mean over the set; a criterion that sums gives the sum."""
     x, y = digits
 
     class Summed(Lit):
@@ -244,7 +244,8 @@ def test_loss_reductions_agree(digits):
             return F.cross_entropy(outputs, target, reduction="none")
 
     values = [trainer().validate(cls(), loader(x, y), verbose=False)[0]["val/loss"] for cls in (Lit, Summed, PerSample)]
-    assert values == pytest.approx([reference(Lit(), x, y)["loss"]] * 3, abs=1e-6)
+    mean = reference(Lit(), x, y)["loss"]
+    assert values == pytest.approx([mean, mean * len(y), mean], rel=1e-6)
 
 
 FORBIDDEN = {
@@ -302,6 +303,53 @@ def test_step_path_makes_no_sync_forcing_call(digits, monkeypatch):
     assert steps.count("train") == 3 and steps.count("val") > 2
     with no_host_sync(monkeypatch), pytest.raises(AssertionError, match="host-device sync: item"):
         torch.ones(1).item()
+
+
+@pytest.mark.parametrize(
+    "criterion",
+    [
+        nn.CrossEntropyLoss(weight=torch.linspace(0.5, 2.0, 10), ignore_index=3),  # the total-weight path
+        nn.CrossEntropyLoss(weight=torch.linspace(0.5, 2.0, 10), ignore_index=3, label_smoothing=0.1),
+        nn.KLDivLoss(reduction="batchmean"),  # a count from shapes
+    ],
+    ids=["ce_weight_ignore", "ce_weight_ignore_smoothing", "kl_div"],
+)
+def test_exact_loss_paths_make_no_sync_forcing_call(digits, monkeypatch, criterion):
+    x, y = digits
+    steps = []
+
+    class Guarded(Lit):
+        def __init__(self):
+            super().__init__()
+            self.criterion = criterion
+
+        def unpack_batch(self, batch):
+            x, y = batch
+            return x, (y if isinstance(self.criterion, nn.CrossEntropyLoss) else F.one_hot(y, 10).float())
+
+        def forward(self, x):
+            out = self.net(x)
+            return out if isinstance(self.criterion, nn.CrossEntropyLoss) else out.log_softmax(1)
+
+        def training_step(self, batch, batch_idx):
+            with no_host_sync(monkeypatch):
+                out = super().training_step(batch, batch_idx)
+            steps.append("train")
+            return out
+
+        def validation_step(self, batch, batch_idx):
+            with no_host_sync(monkeypatch):
+                out = super().validation_step(batch, batch_idx)
+            steps.append("val")
+            return out
+
+    model = Guarded()
+    classes = isinstance(criterion, nn.CrossEntropyLoss)
+    acc = MulticlassAccuracy(10, average="micro", validate_args=False)
+    model.configure_metrics = lambda: {"acc": acc} if classes else {}
+    trainer(max_epochs=1, limit_train_batches=2, num_sanity_val_steps=0).fit(model, loader(x, y),
+                                                                          loader(x[:300], y[:300]))
+    assert steps.count("train") == 2 and steps.count("val") == 5
 
 
 class BarSpy(TQDMProgressBar):

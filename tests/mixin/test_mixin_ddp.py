@@ -105,3 +105,61 @@ def test_fit_under_ddp_logs_the_single_process_values(digits):
         assert logged[f"val/fast_acc/{name}"] == pytest.approx(ref["acc"], abs=1e-6)
         assert abs(logged[f"val/loss/{name}"] - naive["loss"]) > 1e-5  # counting the repeat would show
     assert {"train/loss_epoch", "train/acc", "train/f1"} <= set(logged)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Exact losses under DDP: several criteria, one per validation dataloader, in one spawn
+
+
+class PerLoaderCriterion(ValidationMixin, pl.LightningModule):
+    """Outputs = inputs * 1; validation dataloader ``i`` is scored with ``criteria[i]`` (the default path)."""
+
+    def __init__(self, criteria):
+        super().__init__()
+        self.criteria = nn.ModuleList(criteria)
+        self.scale = nn.Parameter(torch.ones(()))
+        self.which = 0
+
+    @property
+    def criterion(self):
+        return self.criteria[self.which]
+
+    def forward(self, x):
+        return x * self.scale
+
+    def configure_metrics(self):
+        return {}
+
+    def validation_step(self, batch, batch_idx, dataloader_idx=0):
+        self.which = dataloader_idx
+        return super().validation_step(batch, batch_idx, dataloader_idx)
+
+
+def _ddp_loss_cases():
+    from loss_cases import CASES, VOID, Case, segmentation
+
+    x, y = segmentation(n=15, batch_size=4)
+    y[8:15:2] = VOID  # rank 0's second batch (global positions 8, 10, 12, 14) is entirely ignored
+    seg = Case("ce_segmentation_weight_ignore", lambda: nn.CrossEntropyLoss(
+        weight=torch.tensor([0.5, 1.0, 2.0, 4.0]), ignore_index=VOID), x, y, 4)
+    names = ["ce_weight_imbalanced", "kl_div_batchmean", "bce_with_logits_weight_pos_weight", "mse"]
+    return [seg, *(c for c in CASES if c.name in names)]
+
+
+@pytest.mark.ddp
+def test_losses_under_ddp_are_the_criterion_on_the_whole_set():
+    from loss_cases import Case
+
+    cases = _ddp_loss_cases()
+    assert len(cases) == 5 and all(len(c.target) % WORLD for c in cases)  # odd sizes: rank 1 repeats sample 0
+    model = PerLoaderCriterion([c.make() for c in cases])
+    trainer = ddp_trainer()
+    loaders = [DataLoader(TensorDataset(c.outputs, c.target), batch_size=c.batch_size) for c in cases]
+    trainer.validate(model, loaders, verbose=False)
+    logged = {k: v.item() for k, v in trainer.callback_metrics.items()}
+    for i, case in enumerate(cases):
+        assert logged[f"val/loss/dataloader_idx_{i}"] == pytest.approx(case.reference(), abs=1e-6, rel=1e-6), case.name
+    seg = cases[0]
+    padded = Case("padded", seg.make, torch.cat([seg.outputs[:1], seg.outputs]),
+                  torch.cat([seg.target[:1], seg.target]), 4)
+    assert abs(logged["val/loss/dataloader_idx_0"] - padded.reference()) > 1e-4  # counting the repeat would show

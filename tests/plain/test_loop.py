@@ -380,8 +380,14 @@ class CountSyncs:
             setattr(torch.Tensor, name, original)
 
 
+@pytest.mark.parametrize("criterion", [
+    nn.CrossEntropyLoss(),
+    nn.CrossEntropyLoss(weight=torch.linspace(0.5, 2.0, 10), ignore_index=3),  # a weight on the device per batch
+    nn.CrossEntropyLoss(weight=torch.linspace(0.5, 2.0, 10), ignore_index=3, label_smoothing=0.1),
+], ids=["ce", "ce_weight_ignore", "ce_weight_ignore_smoothing"])
 @pytest.mark.parametrize("progress", [True, False])
-def test_no_sync_per_batch_only_at_refreshes_and_the_end(progress: bool, monkeypatch: pytest.MonkeyPatch,
+def test_no_sync_per_batch_only_at_refreshes_and_the_end(progress: bool, criterion: nn.Module,
+                                                          monkeypatch: pytest.MonkeyPatch,
                                                           bars: list[RecordingTqdm]) -> None:
     model = mlp()
     # validate_args=False: torchmetrics' argument checks may read values; those reads are the metric's, not the loop's.
@@ -392,7 +398,7 @@ def test_no_sync_per_batch_only_at_refreshes_and_the_end(progress: bool, monkeyp
         x, y = data(10 * num_batches)
         batches = [(x[i:i + 10], y[i:i + 10]) for i in range(0, len(y), 10)]
         with CountSyncs() as calls:
-            validate(model, batches, criterion=nn.CrossEntropyLoss(), metrics={"acc": acc}, progress=progress)
+            validate(model, batches, criterion=criterion, metrics={"acc": acc}, progress=progress)
         return calls
 
     rare, rare_many = run(5, 1e9), run(40, 1e9)
@@ -493,11 +499,13 @@ def test_error_metric_named_loss() -> None:
         validate(mlp(), [data(4)], criterion=nn.CrossEntropyLoss(), metrics={"loss": MeanSquaredError()})
 
 
-def test_error_criterion_not_scalar() -> None:
-    with pytest.raises(ValueError, match=r"to return a scalar \(the batch mean\) but it returned a tensor of shape "
-                                         r"\(4,\)\..*`criterion=nn\.CrossEntropyLoss\(reduction='mean'\)`"):
-        validate(mlp(), [data(4)], criterion=nn.CrossEntropyLoss(reduction="none"), progress=False)
-    with pytest.raises(TypeError, match=r"to return a scalar tensor but it returned float"):
+def test_error_criterion_returns_neither_a_loss_nor_terms() -> None:
+    with pytest.raises(ValueError, match=r"per-sample loss of first dimension 4 \(the batch size\) but got shape "
+                                         r"\(2,\)\. Return the batch mean .* or `LossTerms\(sum, weight\)`"):
+        validate(mlp(), [data(4)], criterion=lambda o, t: o[:2, 0], progress=False)
+    with pytest.raises(TypeError, match=r"Expected `criterion\(outputs, target\)` to return a float tensor "
+                                        r"\(the batch mean or one loss per sample\) or `LossTerms\(sum, weight\)` "
+                                        r"but got float 0.5"):
         validate(mlp(), [data(4)], criterion=lambda o, t: 0.5, progress=False)  # type: ignore[arg-type,return-value]
 
 
