@@ -24,7 +24,7 @@ LAYERS: dict[str, tuple[set[str], set[str]]] = {
     "plain": ({"findings", "engine", "metrics", "progress", "plain"}, {"torch", "torchmetrics", "tqdm"}),
     "mode_check": ({"findings", "engine", "stages", "mode_check"},
                    {"torch", "lightning", "lightning_utilities", "typing_extensions"}),
-    "mixin": ({"findings", "metrics", "progress", "stages", "mixin"},
+    "mixin": ({"findings", "engine", "metrics", "progress", "stages", "mixin"},
               {"torch", "torchmetrics", "lightning", "lightning_utilities", "typing_extensions", "tqdm", "rich"}),
 }
 TOP = {"__init__", "__about__"}  # the package's front door re-exports every layer
