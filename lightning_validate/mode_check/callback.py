@@ -46,7 +46,8 @@ from lightning_validate.findings import Finding, ModeCheckError, ModeCheckWarnin
 from lightning_validate.mode_check.arguments import parse_arguments
 from lightning_validate.mode_check.evaluation import EvalRun
 from lightning_validate.mode_check.hook_wrapping import HookWrappers
-from lightning_validate.mode_check.report import RunReport, log_summary
+from lightning_validate.mode_check.rank_agreement import buffers_broadcast
+from lightning_validate.mode_check.report import RunReport
 from lightning_validate.mode_check.reporting import Reporter
 from lightning_validate.mode_check.training import TrainingChecks
 from lightning_validate.stages import RunningStage, hook_word
@@ -181,7 +182,7 @@ class ModeCheck(Callback):
 
     @override
     def on_sanity_check_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._finish_pending_eval("on_sanity_check_end")
+        self._finish_eval("on_sanity_check_end")
         self._sync("on_sanity_check_end")
 
     @override
@@ -280,24 +281,16 @@ class ModeCheck(Callback):
         if status == "finished" and not self._disabled:  # after an exception, the user's error is the one to see
             try:
                 with self._guard("teardown"):
-                    self._finish_pending_eval("teardown")
+                    self._finish_eval("teardown")
             except ModeCheckError as err:
                 error = err
         self._hooks.uninstall()
         if self._eval is not None:
             self._eval.remove_probe()
         trainer, self._trainer, self._module, self._eval = self._trainer, None, None, None
-        self._run.status = status if error is None else "interrupted"
-        if error is not None and not self._run.interrupted_by:
-            self._run.interrupted_by = type(error).__name__
-        if self.report_path is not None:
-            try:
-                self._run.write(self.report_path, trainer.global_rank, trainer.world_size)
-            except OSError as err:
-                rank_zero_warn(f"ModeCheck could not write its report to {str(self.report_path)!r}: {err}.",
-                               category=ModeCheckWarning)
-        if self.verbose and trainer.is_global_zero:
-            log_summary(self.summary())
+        self._run.close(status, error)
+        self._run.publish(self.report_path, trainer.global_rank, trainer.world_size,
+                          summary=self.verbose and trainer.is_global_zero)
         if error is not None:
             raise error
 
@@ -313,9 +306,6 @@ class ModeCheck(Callback):
 
     # ----------------------------------------------------------------------------------------------------------
     # Reporting: the policy is the run's `Reporter`
-
-    def _report(self, findings: Sequence[Finding]) -> None:
-        self._reporter.report(findings)
 
     def _world_size(self) -> int:
         return self._trainer.world_size if self._trainer is not None else 1
@@ -401,7 +391,7 @@ class ModeCheck(Callback):
             self._count(boundary)
             if not start and run.probe_calls is not None:
                 self._count("probe")
-            self._report(run.check_batch(self._module, boundary, start, self.allow_grad, self.probe))
+            self._reporter.report(run.check_batch(self._module, boundary, start, self.allow_grad, self.probe))
 
     def _finish_eval(self, boundary: str) -> None:
         """End of an evaluation: compare content (and ``requires_grad`` without a restore override) to the baseline."""
@@ -412,24 +402,9 @@ class ModeCheck(Callback):
         # requires_grad flags are compared here unless the LightningModule overrides the restore hook (then right
         # after it, with the modes).
         findings = run.finish(self._module, boundary, requires_grad=run.stage not in self._restore_hooked,
-                              buffers=not self._buffers_broadcast(), verbose=self.verbose)
+                              buffers=not buffers_broadcast(self._trainer), verbose=self.verbose)
         self._train.close_metrics(run.stage, epoch_end=True)
-        self._report(findings)
-
-    def _buffers_broadcast(self) -> bool:
-        """Whether DDP overwrites this rank's buffers with rank zero's at every forward (``broadcast_buffers``).
-
-        BatchNorm statistics then legitimately change during evaluation on every rank but zero, which keeps its
-        own: buffer changes are checked on rank zero only.
-        """
-        trainer = self._trainer
-        if trainer is None or trainer.world_size <= 1 or trainer.global_rank == 0:
-            return False
-        return bool(getattr(trainer.model, "broadcast_buffers", False))
-
-    def _finish_pending_eval(self, boundary: str) -> None:
-        if self._eval is not None and not self._eval.finished:
-            self._finish_eval(boundary)
+        self._reporter.report(findings)
 
     def _check_restore(self, stage: RunningStage) -> None:
         """After the LightningModule's ``on_{stage}_model_train`` override: modes and flags as before ``.eval()``."""
@@ -437,7 +412,7 @@ class ModeCheck(Callback):
         if run is None or self._module is None:
             return
         self._count(f"on_{hook_word(stage)}_model_train")
-        self._report(run.check_restore(self._module, type(self._module).__name__))
+        self._reporter.report(run.check_restore(self._module, type(self._module).__name__))
 
     # ----------------------------------------------------------------------------------------------------------
     # Training: the checks are the run's `TrainingChecks`
@@ -450,5 +425,5 @@ class ModeCheck(Callback):
     def _close_train_epoch(self) -> None:
         if not self._disabled:
             with self._guard("on_train_epoch_end"):
-                self._finish_pending_eval("on_train_epoch_end")
+                self._finish_eval("on_train_epoch_end")
                 self._train.end_epoch()
