@@ -23,11 +23,13 @@ Where each check runs (see the hook-order guide: a callback never sees the state
   each epoch (after ``on_train_epoch_start`` hooks such as ``BackboneFinetuning`` ran).
 - torchmetrics objects (registered submodules): update counts are read when each epoch's first batch starts and
   when the epoch ends, to find one object updated in two stages or never reset.
+
+The work is in the per-run objects (``EvalRun``, ``TrainingChecks``, ``Reporter``) and ``HookWrappers``; this class
+holds the run's state and routes each hook to one of them.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -37,18 +39,18 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
-from lightning.pytorch.utilities.model_helpers import is_overridden
 from typing_extensions import override
 
-from lightning_validate.engine import Globs, ModeIndex, check_train_state, take_snapshot
-from lightning_validate.findings import Finding, ModeCheckError, ModeCheckWarning, Policy
+from lightning_validate.engine import Globs, ModeIndex, take_snapshot
+from lightning_validate.findings import Finding, ModeCheckError, ModeCheckWarning
 from lightning_validate.mode_check.arguments import parse_arguments
 from lightning_validate.mode_check.evaluation import EvalRun
-from lightning_validate.mode_check.hook_wrapping import HookWrappers, is_lightning_readonly, trusted_callback_types
-from lightning_validate.mode_check.metric_tracking import MetricTracker
-from lightning_validate.mode_check.rank_agreement import agreed_error, share_findings
-from lightning_validate.mode_check.report import RunReport, log_summary
-from lightning_validate.stages import RunningStage, evaluation_stages, hook_word
+from lightning_validate.mode_check.hook_wrapping import HookWrappers
+from lightning_validate.mode_check.rank_agreement import buffers_broadcast
+from lightning_validate.mode_check.report import RunReport
+from lightning_validate.mode_check.reporting import Reporter
+from lightning_validate.mode_check.training import TrainingChecks
+from lightning_validate.stages import RunningStage, hook_word
 
 __all__ = ["ModeCheck"]
 
@@ -147,19 +149,20 @@ class ModeCheck(Callback):
         self.verbose = verbose
 
         self.findings: list[Finding] = []
-        self._run = RunReport()  # the latest run: its findings, counts and boundaries
-        self._pending: list[Finding] = []
-        self._grad_enabled = True  # the grad mode when the run started: given back after an exception
-        self._trainer: pl.Trainer | None = None
-        self._module: pl.LightningModule | None = None
         self._hooks = HookWrappers(self._guard, self._is_disabled, self._sync)
+        self._new_run(None, None, "")
+
+    def _new_run(self, trainer: pl.Trainer | None, pl_module: pl.LightningModule | None, fn: str) -> None:
+        """Fresh per-run state: the report, the reporting policy, the training side; no evaluation yet."""
+        self._run = RunReport(fn)  # the latest run: its findings, counts and boundaries
+        self._reporter = Reporter(self.policy, self.ignore, self.findings, self._run, self._world_size)
+        self._train = TrainingChecks(self._reporter.report, self._count, self._phase, self.allow_eval_mode)
+        self._trainer, self._module = trainer, pl_module
+        self._grad_enabled = torch.is_grad_enabled()  # the grad mode when the run started: given back after an error
         self._disabled = False
         self._eval: EvalRun | None = None
         self._restore_hooked: set[RunningStage] = set()
-        self._train_epoch_first = False
-        self._train_reopen = False
-        self._metrics = MetricTracker(self._report, self._phase)
-        self._index: ModeIndex | None = None
+        self._index: ModeIndex | None = None  # the per-batch module list, kept while the structure does not change
 
     # ----------------------------------------------------------------------------------------------------------
     # Lightning hooks: one to three lines each, the work is in the helpers below.
@@ -179,12 +182,12 @@ class ModeCheck(Callback):
 
     @override
     def on_sanity_check_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._finish_pending_eval("on_sanity_check_end")
+        self._finish_eval("on_sanity_check_end")
         self._sync("on_sanity_check_end")
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._train_epoch_first = True
+        self._train.start_epoch()
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
@@ -247,13 +250,11 @@ class ModeCheck(Callback):
 
     def _start_run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._hooks.uninstall()
-        self._run, self._pending = RunReport(str(getattr(stage, "value", stage))), []
-        self._trainer, self._module, self._grad_enabled = trainer, pl_module, torch.is_grad_enabled()
-        self._disabled, self._eval, self._restore_hooked = False, None, set()
-        self._train_epoch_first = self._train_reopen = False
-        self._metrics, self._index = MetricTracker(self._report, self._phase), None
+        self._new_run(trainer, pl_module, str(getattr(stage, "value", stage)))
         with self._guard("setup"):
-            self._install(trainer, pl_module, self._run.fn)
+            self._restore_hooked = self._hooks.install(
+                trainer, pl_module, self._run.fn, self, begin_eval=self._begin_eval, check_restore=self._check_restore,
+                mark=self._mark, finish_eval=self._finish_eval)
 
     def _give_back(self, trainer: pl.Trainer, exception: BaseException) -> None:
         """After an exception inside an evaluation: the model as it was before that evaluation began.
@@ -280,24 +281,16 @@ class ModeCheck(Callback):
         if status == "finished" and not self._disabled:  # after an exception, the user's error is the one to see
             try:
                 with self._guard("teardown"):
-                    self._finish_pending_eval("teardown")
+                    self._finish_eval("teardown")
             except ModeCheckError as err:
                 error = err
         self._hooks.uninstall()
         if self._eval is not None:
             self._eval.remove_probe()
         trainer, self._trainer, self._module, self._eval = self._trainer, None, None, None
-        self._run.status = status if error is None else "interrupted"
-        if error is not None and not self._run.interrupted_by:
-            self._run.interrupted_by = type(error).__name__
-        if self.report_path is not None:
-            try:
-                self._run.write(self.report_path, trainer.global_rank, trainer.world_size)
-            except OSError as err:
-                rank_zero_warn(f"ModeCheck could not write its report to {str(self.report_path)!r}: {err}.",
-                               category=ModeCheckWarning)
-        if self.verbose and trainer.is_global_zero:
-            log_summary(self.summary())
+        self._run.close(status, error)
+        self._run.publish(self.report_path, trainer.global_rank, trainer.world_size,
+                          summary=self.verbose and trainer.is_global_zero)
         if error is not None:
             raise error
 
@@ -312,27 +305,7 @@ class ModeCheck(Callback):
         return self._run.summary()
 
     # ----------------------------------------------------------------------------------------------------------
-    # Reporting
-
-    def _report(self, findings: Sequence[Finding], shared: bool = False) -> None:
-        for f in findings:
-            if f.code in self.ignore:
-                continue
-            if not self._run.add(f):
-                continue
-            known = any(g.key == f.key for g in self.findings)
-            if not known:
-                self.findings.append(f)
-            if self.policy is Policy.WARN:
-                if self._world_size() > 1 and not shared:
-                    self._pending.append(f)  # told to the other ranks at the next `_sync`
-                if known:  # warned in an earlier run of this callback: once per distinct finding
-                    continue
-                rank_zero_warn(f.message, category=ModeCheckWarning)
-            elif self._world_size() > 1:
-                self._pending.append(f)  # raised together with the other ranks at the next `_sync`
-            else:
-                raise ModeCheckError(f.message, [f])
+    # Reporting: the policy is the run's `Reporter`
 
     def _world_size(self) -> int:
         return self._trainer.world_size if self._trainer is not None else 1
@@ -341,19 +314,10 @@ class ModeCheck(Callback):
         """Under DDP and FSDP: every rank learns every rank's findings; with ``"raise"`` all raise together.
 
         Called at boundaries that every rank passes in the same order, also after the callback disabled itself,
-        so that no rank waits for a collective the others never join. Under sharding a write may touch one rank's
-        shard only: the other ranks report it too (with ``"warn"``, rank zero prints it).
+        so that no rank waits for a collective the others never join (``Reporter.sync``).
         """
-        if self._trainer is None or self._world_size() <= 1:
-            return
-        mine, self._pending = self._pending, []
-        shared = share_findings(mine)
-        if self.policy is Policy.RAISE:
-            error = agreed_error(mine, shared, boundary)
-            if error is not None:
-                raise error
-        else:
-            self._report([f for _, f in shared if f.key not in self._run.counts], shared=True)
+        if self._trainer is not None:
+            self._reporter.sync(boundary)
 
     @contextmanager
     def _guard(self, where: str) -> Iterator[None]:
@@ -386,35 +350,6 @@ class ModeCheck(Callback):
         return self._disabled
 
     # ----------------------------------------------------------------------------------------------------------
-    # Wrapping the LightningModule's and other callbacks' hooks
-
-    def _install(self, trainer: pl.Trainer, pl_module: pl.LightningModule, fn: str) -> None:
-        trusted, wrap = trusted_callback_types(), self._hooks.wrap
-        for stage in evaluation_stages(fn):
-            s = hook_word(stage)
-            wrap(pl_module, f"on_{s}_model_eval", functools.partial(self._begin_eval, stage), None)
-            if stage is not RunningStage.PREDICTING and is_overridden(f"on_{s}_model_train", pl_module):
-                self._restore_hooked.add(stage)
-                wrap(pl_module, f"on_{s}_model_train", None, functools.partial(self._check_restore, stage),
-                     sync=True)
-            callbacks: list[Callback] = getattr(trainer, "callbacks", [])
-            owners: list[tuple[object, str, bool]] = [
-                (cb, type(cb).__name__, isinstance(cb, trusted)) for cb in callbacks
-                if cb is not self and (isinstance(cb, trusted) or not is_lightning_readonly(cb))
-            ]
-            owners.append((pl_module, type(pl_module).__name__, False))
-            for hook in (f"on_{s}_start", f"on_{s}_epoch_start", f"on_{s}_epoch_end", f"on_{s}_end"):
-                for owner, name, is_trusted in owners:
-                    parent = pl.LightningModule if owner is pl_module else Callback
-                    if is_overridden(hook, owner, parent=parent):
-                        label = f"{name}.{hook}"
-                        wrap(owner, hook, functools.partial(self._mark, before=label),
-                             functools.partial(self._mark, after=label, trusted=is_trusted))
-            # After the LightningModule's `on_{s}_end` every evaluation hook has run and logged metrics are not
-            # reset yet: the end of the evaluation for content and metric counts.
-            wrap(pl_module, f"on_{s}_end", None, functools.partial(self._finish_eval, f"on_{s}_end"), sync=True)
-
-    # ----------------------------------------------------------------------------------------------------------
     # Evaluation
 
     def _phase(self, stage: RunningStage) -> str:
@@ -426,9 +361,7 @@ class ModeCheck(Callback):
     def _begin_eval(self, stage: RunningStage, boundary: str = "") -> None:
         """Baseline: every submodule's mode, ``requires_grad``, and the content, right before ``.eval()``."""
         assert self._module is not None
-        # A validation inside fit interrupts the training epoch: the metrics' train segment ends here.
-        self._metrics_close(RunningStage.TRAINING, epoch_end=False)
-        self._train_reopen = True
+        self._train.interrupt()  # a validation inside fit interrupts the training epoch
         baseline = take_snapshot(self._module, content=True, grads=True)
         index = self._index
         if index is None or index.model is not self._module or index.names != list(baseline.modes):
@@ -454,11 +387,11 @@ class ModeCheck(Callback):
             if run is None or run.finished or self._module is None:
                 return
             if start and run.batches == 0:
-                self._metrics_open(run.stage, run.index)
+                self._train.open_metrics(run.stage, run.index)
             self._count(boundary)
             if not start and run.probe_calls is not None:
                 self._count("probe")
-            self._report(run.check_batch(self._module, boundary, start, self.allow_grad, self.probe))
+            self._reporter.report(run.check_batch(self._module, boundary, start, self.allow_grad, self.probe))
 
     def _finish_eval(self, boundary: str) -> None:
         """End of an evaluation: compare content (and ``requires_grad`` without a restore override) to the baseline."""
@@ -469,24 +402,9 @@ class ModeCheck(Callback):
         # requires_grad flags are compared here unless the LightningModule overrides the restore hook (then right
         # after it, with the modes).
         findings = run.finish(self._module, boundary, requires_grad=run.stage not in self._restore_hooked,
-                              buffers=not self._buffers_broadcast(), verbose=self.verbose)
-        self._metrics_close(run.stage, epoch_end=True)
-        self._report(findings)
-
-    def _buffers_broadcast(self) -> bool:
-        """Whether DDP overwrites this rank's buffers with rank zero's at every forward (``broadcast_buffers``).
-
-        BatchNorm statistics then legitimately change during evaluation on every rank but zero, which keeps its
-        own: buffer changes are checked on rank zero only.
-        """
-        trainer = self._trainer
-        if trainer is None or trainer.world_size <= 1 or trainer.global_rank == 0:
-            return False
-        return bool(getattr(trainer.model, "broadcast_buffers", False))
-
-    def _finish_pending_eval(self, boundary: str) -> None:
-        if self._eval is not None and not self._eval.finished:
-            self._finish_eval(boundary)
+                              buffers=not buffers_broadcast(self._trainer), verbose=self.verbose)
+        self._train.close_metrics(run.stage, epoch_end=True)
+        self._reporter.report(findings)
 
     def _check_restore(self, stage: RunningStage) -> None:
         """After the LightningModule's ``on_{stage}_model_train`` override: modes and flags as before ``.eval()``."""
@@ -494,47 +412,18 @@ class ModeCheck(Callback):
         if run is None or self._module is None:
             return
         self._count(f"on_{hook_word(stage)}_model_train")
-        self._report(run.check_restore(self._module, type(self._module).__name__))
+        self._reporter.report(run.check_restore(self._module, type(self._module).__name__))
 
     # ----------------------------------------------------------------------------------------------------------
-    # Training
+    # Training: the checks are the run's `TrainingChecks`
 
     def _check_train_batch(self) -> None:
-        if self._disabled or self._module is None:
-            return
-        with self._guard("on_train_batch_start"):
-            self._count("on_train_batch_start")
-            if self._train_epoch_first:
-                self._train_epoch_first = self._train_reopen = False
-                index = ModeIndex(self._module)
-                self._report(check_train_state(index, boundary="on_train_batch_start (first of the epoch)",
-                                               allow_eval_mode=self.allow_eval_mode))
-                self._metrics_open(RunningStage.TRAINING, index, epoch_start=True)
-                return
-            if self._train_reopen:
-                self._train_reopen = False
-                self._metrics_open(RunningStage.TRAINING, None, epoch_start=False)
-            if not torch.is_grad_enabled():
-                self._report(check_train_state(self._module, boundary="on_train_batch_start",
-                                               allow_eval_mode=self.allow_eval_mode)[:1])
+        if not self._disabled and self._module is not None:
+            with self._guard("on_train_batch_start"):
+                self._train.check_batch(self._module)
 
     def _close_train_epoch(self) -> None:
-        if self._disabled:
-            return
-        with self._guard("on_train_epoch_end"):
-            self._finish_pending_eval("on_train_epoch_end")
-            self._metrics_close(RunningStage.TRAINING, epoch_end=True)
-
-    # ----------------------------------------------------------------------------------------------------------
-    # torchmetrics objects (LV401, LV402)
-
-    def _metrics_open(self, stage: RunningStage, index: ModeIndex | None, epoch_start: bool = True) -> None:
-        """Record update counts when a stage's batches start; at an epoch's start, a count carried over is LV402."""
-        if index is not None:  # metrics may be created late (in `setup` or `configure_model`): look again
-            self._metrics.discover(index)
-        self._count(f"metrics ({hook_word(stage)} start)")
-        self._metrics.open(stage, epoch_start)
-
-    def _metrics_close(self, stage: RunningStage, epoch_end: bool) -> None:
-        """Note which stage updated each metric since it opened; one object updated in two stages is LV401."""
-        self._metrics.close(stage, epoch_end)
+        if not self._disabled:
+            with self._guard("on_train_epoch_end"):
+                self._finish_eval("on_train_epoch_end")
+                self._train.end_epoch()

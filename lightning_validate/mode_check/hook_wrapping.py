@@ -1,17 +1,24 @@
 """Wrapping the LightningModule's and other callbacks' hooks for ``ModeCheck``, and putting them back exactly.
 
 A callback never sees the state right before ``.eval()`` or between two other callbacks' hooks, so ``ModeCheck``
-puts a wrapper around those hooks as instance attributes for the length of a run. Lightning's own callbacks are
-sorted here into those whose documented work changes the model (trusted) and those that only read it.
+puts a wrapper around those hooks as instance attributes for the length of a run. Which hooks are wrapped, and what
+runs before and after each, is decided here (``HookWrappers.install``); the callback only passes its checks in.
+Lightning's own callbacks are sorted here into those whose documented work changes the model (trusted) and those
+that only read it.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any
 
+import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.model_helpers import is_overridden
+
+from lightning_validate.stages import RunningStage, evaluation_stages, hook_word
 
 __all__ = ["HookWrappers", "is_lightning_readonly", "trusted_callback_types"]
 
@@ -75,6 +82,45 @@ class HookWrappers:
         setattr(wrapper, _WRAPPED, True)
         self.installed.append((owner, name, owner.__dict__.get(name, _MISSING)))
         object.__setattr__(owner, name, wrapper)
+
+    def install(self, trainer: pl.Trainer, pl_module: pl.LightningModule, fn: str, skip: Callback, *,
+                begin_eval: Callable[[RunningStage], None], check_restore: Callable[[RunningStage], None],
+                mark: Callable[[str, str, bool], None], finish_eval: Callable[[str], None]) -> set[RunningStage]:
+        """Wrap the hooks of every evaluation stage of the trainer function ``fn``; the stages whose restore is hooked.
+
+        - ``on_{stage}_model_eval``: ``begin_eval(stage)`` first, right before ``.eval()`` (the baseline);
+        - ``on_{stage}_model_train`` when the LightningModule overrides it: ``check_restore(stage)`` after it;
+        - the overridden ``on_{stage}_start``, ``..._epoch_start``, ``..._epoch_end`` and ``..._end`` of the other
+          callbacks (``skip`` excepted, and Lightning's read-only ones) and of the LightningModule:
+          ``mark(before, "", False)`` and ``mark("", after, trusted)`` around each, ``before``/``after`` being
+          ``"Owner.hook"``;
+        - the LightningModule's ``on_{stage}_end``: ``finish_eval("on_{stage}_end")`` after every other hook.
+        """
+        trusted = trusted_callback_types()
+        callbacks: list[Callback] = getattr(trainer, "callbacks", [])
+        owners: list[tuple[object, str, bool]] = [
+            (cb, type(cb).__name__, isinstance(cb, trusted)) for cb in callbacks
+            if cb is not skip and (isinstance(cb, trusted) or not is_lightning_readonly(cb))
+        ]
+        owners.append((pl_module, type(pl_module).__name__, False))
+        restore_hooked: set[RunningStage] = set()
+        for stage in evaluation_stages(fn):
+            s = hook_word(stage)
+            self.wrap(pl_module, f"on_{s}_model_eval", functools.partial(begin_eval, stage), None)
+            if stage is not RunningStage.PREDICTING and is_overridden(f"on_{s}_model_train", pl_module):
+                restore_hooked.add(stage)
+                self.wrap(pl_module, f"on_{s}_model_train", None, functools.partial(check_restore, stage), sync=True)
+            for hook in (f"on_{s}_start", f"on_{s}_epoch_start", f"on_{s}_epoch_end", f"on_{s}_end"):
+                for owner, name, is_trusted in owners:
+                    parent = pl.LightningModule if owner is pl_module else Callback
+                    if is_overridden(hook, owner, parent=parent):
+                        label = f"{name}.{hook}"
+                        self.wrap(owner, hook, functools.partial(mark, label, "", False),
+                                  functools.partial(mark, "", label, is_trusted))
+            # After the LightningModule's `on_{s}_end` every evaluation hook has run and logged metrics are not
+            # reset yet: the end of the evaluation for content and metric counts.
+            self.wrap(pl_module, f"on_{s}_end", None, functools.partial(finish_eval, f"on_{s}_end"), sync=True)
+        return restore_hooked
 
     def uninstall(self) -> None:
         """Put back every wrapped attribute, innermost last, exactly as it was (also a user's own attribute)."""

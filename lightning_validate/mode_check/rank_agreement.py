@@ -11,11 +11,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import lightning.pytorch as pl
 import torch
 
 from lightning_validate.findings import Finding, ModeCheckError
 
-__all__ = ["agreed_error", "share_findings"]
+__all__ = ["agreed_error", "buffers_broadcast", "share_findings"]
 
 
 def share_findings(mine: Sequence[Finding]) -> list[tuple[int, Finding]]:
@@ -55,3 +56,14 @@ def agreed_error(
     return ModeCheckError(
         f"ModeCheck: another rank reported a finding at {boundary}; this rank stops with it. Rank {rank}: "
         f"{first.message}", [f for _, f in shared])
+
+
+def buffers_broadcast(trainer: pl.Trainer | None) -> bool:
+    """Whether DDP overwrites this rank's buffers with rank zero's at every forward (``broadcast_buffers``).
+
+    BatchNorm statistics then legitimately change during evaluation on every rank but zero, which keeps its own:
+    buffer changes are checked on rank zero only.
+    """
+    if trainer is None or trainer.world_size <= 1 or trainer.global_rank == 0:
+        return False
+    return bool(getattr(trainer.model, "broadcast_buffers", False))

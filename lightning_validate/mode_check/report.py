@@ -15,9 +15,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
-from lightning_validate.findings import CODES, Finding
+from lightning_validate.findings import CODES, Finding, ModeCheckWarning
 
 __all__ = ["GivenBack", "RunReport", "log", "log_summary"]
 
@@ -78,6 +78,23 @@ class RunReport:
             return False
         self.findings.append(finding)
         return True
+
+    def close(self, status: str, error: BaseException | None = None) -> None:
+        """The run ended with ``status``; ModeCheck's own ``error`` at the end makes it ``"interrupted"``."""
+        self.status = status if error is None else "interrupted"
+        if error is not None and not self.interrupted_by:
+            self.interrupted_by = type(error).__name__
+
+    def publish(self, path: str | os.PathLike[str] | None, rank: int, world_size: int, summary: bool) -> None:
+        """Write the JSON report to ``path`` (a warning when it cannot be), and log the summary when asked."""
+        if path is not None:
+            try:
+                self.write(path, rank, world_size)
+            except OSError as err:
+                rank_zero_warn(f"ModeCheck could not write its report to {str(path)!r}: {err}.",
+                               category=ModeCheckWarning)
+        if summary:
+            log_summary(self.summary())
 
     def summary(self) -> str:
         """Boundaries checked and findings by code, as a small table."""
