@@ -24,9 +24,13 @@ from lightning_validate.stages import hook_word, log_stage
 __all__ = [
     "MISSING_CRITERION",
     "UNPACK_HINT",
+    "bad_targets",
+    "bad_values",
     "criterion_error",
     "default_metric_error",
+    "hook",
     "hook_fix",
+    "names_error",
     "never_logged",
     "not_scalar",
     "on",

@@ -108,7 +108,7 @@ class RunState:
         if len(record) > 1:
             self.history.append(record)
 
-    def finished_train_epoch(self, trainer: Any, device: Any) -> dict[str, float] | None:
+    def finished_train_epoch(self, model: Any) -> dict[str, float] | None:
         """The values of a training epoch whose batches have all run but that has not closed yet, else ``None``.
 
         A checkpoint written at the end-of-epoch validation (``ModelCheckpoint`` saves there unless it saves at
@@ -119,10 +119,11 @@ class RunState:
         epoch = self.epochs.get("train")
         if epoch is None:  # no training epoch open (also: no trainer attached)
             return None
+        trainer = model.trainer
         if not trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:  # a checkpoint inside the epoch
             return None
         values: dict[str, float] = {"epoch": float(trainer.current_epoch)}
-        values.update(epoch.finished_train_values(trainer, device))
+        values.update(epoch.finished_train_values(trainer, model.device))
         return values
 
     def checkpoint(self, open_epoch: dict[str, float] | None) -> dict[str, Any]:

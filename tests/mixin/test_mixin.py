@@ -368,15 +368,15 @@ def test_tqdm_bar_shows_running_values_throttled(digits, monkeypatch):
     x, y = digits
     reads = []
 
-    import lightning_validate.mixin.mixin as mixin_module
+    import lightning_validate.mixin.epoch as epoch_module
 
-    original = mixin_module._show_running
+    original = epoch_module._show_running
 
     def counting(bar, loader_state):
         reads.append(1)
         original(bar, loader_state)
 
-    monkeypatch.setattr(mixin_module, "_show_running", counting)
+    monkeypatch.setattr(epoch_module, "_show_running", counting)
     class Rarely(Lit):
         progress_interval = 3600.0
 
