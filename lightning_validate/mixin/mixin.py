@@ -44,11 +44,10 @@ from lightning_validate.metrics.batches import batch_size_of
 from lightning_validate.metrics.fast_accuracy import default_metrics
 from lightning_validate.metrics.inputs import split_inputs
 from lightning_validate.metrics.loss_terms import BatchLoss, LossTerms, batch_loss, value_terms
-from lightning_validate.mixin import configure, messages
-from lightning_validate.mixin.configure import Stage
+from lightning_validate.mixin import build, messages
+from lightning_validate.mixin.build import Stage
 from lightning_validate.mixin.run import CHECKPOINT_KEY, RunState
 from lightning_validate.progress import DEFAULT_INTERVAL
-from lightning_validate.stages import TrainerFn
 
 __all__ = ["ValidationMixin"]
 
@@ -59,11 +58,6 @@ if TYPE_CHECKING:
     _Base = pl.LightningModule
 else:
     _Base = object
-
-_SETUP_STAGES: dict[str, tuple[Stage, ...]] = {
-    TrainerFn.FITTING.value: ("train", "val"), TrainerFn.VALIDATING.value: ("val",), TrainerFn.TESTING.value: ("test",)
-}
-
 
 class ValidationMixin(_Base):
     """Exact, sync-free validation and test steps: ``class LitModel(ValidationMixin, pl.LightningModule)``.
@@ -108,7 +102,8 @@ class ValidationMixin(_Base):
         progress_interval: seconds between refreshes of the running values on Lightning's validation and test
             bars, TQDM or Rich (0.25). Each refresh reads the running values back from the device once.
         val_dataloader_names, test_dataloader_names: one name per dataloader, used instead of
-            ``dataloader_idx_<i>``.
+            ``dataloader_idx_<i>``. Needed with several dataloaders on Lightning before 2.5.3, which refuses logged
+            names with ``/dataloader_idx_`` in them (the epoch start says so, before anything runs).
         log_train_metrics: update the metrics in the default ``training_step`` too (``True``).
     """
 
@@ -138,8 +133,8 @@ class ValidationMixin(_Base):
         compute a scalar. Default: ``{"acc": MulticlassAccuracy(num_classes, average="micro")}`` when
         ``num_classes`` is known, else no metric (the loss is always logged).
         """
-        metrics = default_metrics(configure.num_classes_of(self))
-        configure.DEFAULTS.update(metrics.values())  # so that shapes are checked for them, also via super()
+        metrics = default_metrics(build.num_classes_of(self))
+        build.DEFAULTS.update(metrics.values())  # so that shapes are checked for them, also via super()
         return metrics
 
     def compute_loss(self, outputs: Any, target: Any) -> Tensor | LossTerms:
@@ -230,14 +225,8 @@ class ValidationMixin(_Base):
         """
         super().setup(stage)
         self._lv.start(self)
-        configure.configure(self, self._lv, self._lv_default_loss())
-        for s in _SETUP_STAGES.get(stage, ()):
-            names = configure.dataloader_names(self, s)
-            for i in range(max(1, len(names) if names else 1)):
-                configure.container(self, self._lv, s, i)
-        for key in list(self._lv.aside):  # dataloaders first seen in an earlier run
-            stage_name, index = key.rsplit("_", 1)
-            configure.container(self, self._lv, stage_name, int(index))  # type: ignore[arg-type]
+        build.prepare(self, self._lv, self._lv_default_loss())
+        build.register(self, self._lv, stage)
 
     @override
     def teardown(self, stage: str) -> None:
@@ -322,7 +311,7 @@ class ValidationMixin(_Base):
         self._lv.restore(checkpoint)
 
     # ----------------------------------------------------------------------------------------------------------
-    # Internals: each delegates to the run state (run.py), the epoch (epoch.py) or the builders (configure.py)
+    # Internals: each delegates to the run state (run.py), the epoch (epoch.py) or the builders (build.py)
 
     @property
     def _lv(self) -> RunState:
@@ -342,8 +331,8 @@ class ValidationMixin(_Base):
 
     def _lv_begin(self, stage: Stage) -> None:
         state = self._lv
-        configure.configure(self, state, self._lv_default_loss())
-        epoch = configure.open_epoch(self, state, stage, self._lv_default_loss())
+        build.prepare(self, state, self._lv_default_loss())
+        epoch = build.open_epoch(self, state, stage, self._lv_default_loss())
         if stage in state.epochs and stage not in state.warned:
             state.warned.add(stage)
             rank_zero_warn(messages.never_logged(stage, "previous"), category=UserWarning)

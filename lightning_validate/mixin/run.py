@@ -44,7 +44,7 @@ class RunState:
     """The mixin's run-time state, kept in one plain attribute of the LightningModule."""
 
     templates: dict[str, Metric] | None = None  # from configure_metrics(), cloned per stage and dataloader
-    aside: dict[str, nn.ModuleDict] = field(default_factory=dict)  # clones not registered yet (see configure.py)
+    aside: dict[str, nn.ModuleDict] = field(default_factory=dict)  # clones not registered yet (see build.py)
     num_classes: int | None = None
     default_in_use: bool = False
     epochs: dict[str, Epoch] = field(default_factory=dict)

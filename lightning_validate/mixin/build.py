@@ -37,11 +37,29 @@ from lightning_validate.mixin.bars import running_bar
 from lightning_validate.mixin.epoch import Epoch, Loader, data_parallel_group
 from lightning_validate.mixin.run import RunState
 from lightning_validate.progress import Throttle
+from lightning_validate.stages import TrainerFn
 
-__all__ = ["DEFAULTS", "Stage", "configure", "container", "names_of", "num_classes_of", "open_epoch"]
+__all__ = [
+    "DEFAULTS",
+    "INDEX_NAMES_LOGGABLE",
+    "Stage",
+    "prepare",
+    "container",
+    "dataloader_names",
+    "eval_loaders",
+    "names_of",
+    "num_classes_of",
+    "open_epoch",
+    "register",
+]
 
 #: The stages whose values the mixin logs, named by their log prefix (Lightning's ``RunningStage.dataloader_prefix``).
 Stage = Literal["train", "val", "test"]
+
+#: The stages each trainer function runs, by log prefix: their metric clones are made in ``setup``.
+_SETUP_STAGES: dict[str, tuple[Stage, ...]] = {
+    TrainerFn.FITTING.value: ("train", "val"), TrainerFn.VALIDATING.value: ("val",), TrainerFn.TESTING.value: ("test",)
+}
 
 #: The metric objects made by the default ``configure_metrics`` (whose input shapes the mixin checks itself).
 DEFAULTS: weakref.WeakSet[Metric] = weakref.WeakSet()
@@ -66,7 +84,7 @@ def num_classes_of(model: Any) -> int | None:
     return value
 
 
-def configure(model: Any, state: RunState, default_loss: bool) -> None:
+def prepare(model: Any, state: RunState, default_loss: bool) -> None:
     """Check the class attributes and build the metric templates, once per model."""
     if state.templates is not None:
         return
@@ -139,6 +157,17 @@ def container(model: Any, state: RunState, stage: Stage, index: int, register: b
         model.lv_metrics = root
     root[key] = made.train(model.training)
     return made
+
+
+def register(model: Any, state: RunState, fn: str) -> None:
+    """Register the metric clones of the stages ``fn`` runs, and of dataloaders first seen in an earlier run."""
+    for stage in _SETUP_STAGES.get(fn, ()):
+        names = dataloader_names(model, stage)
+        for i in range(max(1, len(names) if names else 1)):
+            container(model, state, stage, i)
+    for key in list(state.aside):
+        stage_name, index = key.rsplit("_", 1)
+        container(model, state, stage_name, int(index))  # type: ignore[arg-type]
 
 
 def eval_loaders(trainer: Any, stage: Stage) -> list[object | None]:
