@@ -198,8 +198,8 @@ class Epoch:
             values.update(zip(keys, torch.stack(tensors).tolist(), strict=True))
         return values
 
-    def report(self, totals: list[Totals], values: Mapping[str, float], policy: Policy) -> None:
-        """Warn or raise, once for the epoch, about non-finite losses and targets outside the classes."""
+    def report(self, totals: list[Totals], values: Mapping[str, float], on_bad_values: str) -> None:
+        """Warn or raise (``on_bad_values``), once for the epoch, about non-finite losses and targets out of range."""
         problems: list[str] = []
         for loader, sums in zip(self.loaders, totals, strict=True):
             if sums.batches == 0:
@@ -214,6 +214,8 @@ class Epoch:
                     self.stage, loader.suffix, sums.bad, sums.batches, loader.num_classes, sums.low, sums.high
                 ))
         if problems:
+            policy = Policy.parse(on_bad_values)
+            assert policy is not None  # checked when the metrics were configured
             policy.apply("; ".join(problems) + ".", error=ValueError, warn=lambda text: rank_zero_warn(
                 text + " Set `on_bad_values = 'raise'` to stop instead.", category=UserWarning))
 

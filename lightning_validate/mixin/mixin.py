@@ -34,12 +34,10 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 import lightning.pytorch as pl
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torchmetrics import Metric
 from typing_extensions import override
 
-from lightning_validate.findings import Policy
 from lightning_validate.metrics.batches import batch_size_of
 from lightning_validate.metrics.fast_accuracy import default_metrics
 from lightning_validate.metrics.inputs import split_inputs
@@ -302,7 +300,7 @@ class ValidationMixin(_Base):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Save ``metrics_history`` (and the values of an epoch not closed yet) under ``"lightning_validate"``."""
         super().on_save_checkpoint(checkpoint)
-        checkpoint[CHECKPOINT_KEY] = self._lv.checkpoint(open_epoch=self._lv.finished_train_epoch(self))
+        checkpoint[CHECKPOINT_KEY] = self._lv.checkpoint(self)
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -330,13 +328,8 @@ class ValidationMixin(_Base):
         self._lv.evaluate(self, fn.value if fn is not None else "fit", hook, make_eval)
 
     def _lv_begin(self, stage: Stage) -> None:
-        state = self._lv
-        build.prepare(self, state, self._lv_default_loss())
-        epoch = build.open_epoch(self, state, stage, self._lv_default_loss())
-        if stage in state.epochs and stage not in state.warned:
-            state.warned.add(stage)
-            rank_zero_warn(messages.never_logged(stage, "previous"), category=UserWarning)
-        state.epochs[stage] = epoch
+        build.prepare(self, self._lv, self._lv_default_loss())
+        self._lv.open(build.open_epoch(self, self._lv, stage, self._lv_default_loss()))
 
     def _lv_end(self, stage: Stage) -> dict[str, float]:
         """Reduce across processes, report bad values, log; return the values for the history."""
@@ -345,9 +338,7 @@ class ValidationMixin(_Base):
             return {}
         totals = epoch.reduce(self.trainer, self.device)
         values = epoch.values(totals, self.device)
-        policy = Policy.parse(self.on_bad_values)
-        assert policy is not None  # checked when the metrics were configured
-        epoch.report(totals, values, policy)
+        epoch.report(totals, values, self.on_bad_values)
         epoch.close(values)
         distributed = self.trainer.world_size > 1
         for key, value in values.items():

@@ -13,7 +13,7 @@ Example:
     >>> state.history
     [{'epoch': 0.0, 'train/loss': 0.75, 'val/loss': 0.5}]
     >>> restored = RunState()
-    >>> restored.restore({CHECKPOINT_KEY: state.checkpoint(open_epoch=None)})
+    >>> restored.restore({CHECKPOINT_KEY: state.checkpoint(model=None)})  # no training epoch open
     >>> restored.history == state.history
     True
 
@@ -95,6 +95,13 @@ class RunState:
         make_eval()
         opened.after = modes(model)
 
+    def open(self, epoch: Epoch) -> None:
+        """Keep ``epoch`` open until its end hook; one still open from before was never logged (said once a run)."""
+        if epoch.stage in self.epochs and epoch.stage not in self.warned:
+            self.warned.add(epoch.stage)
+            rank_zero_warn(messages.never_logged(epoch.stage, "previous"), category=UserWarning)
+        self.epochs[epoch.stage] = epoch
+
     def record_train_epoch(self, epoch: int, values: Mapping[str, float]) -> None:
         """Append a ``fit`` epoch's record: its training values and the validation values kept for it."""
         resumed, self.resumed = self.resumed, None
@@ -126,12 +133,12 @@ class RunState:
         values.update(epoch.finished_train_values(trainer, model.device))
         return values
 
-    def checkpoint(self, open_epoch: dict[str, float] | None) -> dict[str, Any]:
-        """What a checkpoint keeps under ``CHECKPOINT_KEY``."""
+    def checkpoint(self, model: Any) -> dict[str, Any]:
+        """What a checkpoint of ``model`` keeps under ``CHECKPOINT_KEY``."""
         return {
             "metrics_history": [dict(record) for record in self.history],
             "pending": dict(self.pending),
-            "open_epoch": open_epoch,
+            "open_epoch": self.finished_train_epoch(model),
         }
 
     def restore(self, checkpoint: Mapping[str, Any]) -> None:
