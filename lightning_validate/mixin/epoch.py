@@ -2,10 +2,11 @@
 
 The Lightning hooks stay a few lines each because the state owns the logic. A ``Loader`` is one dataloader's
 accumulators of one epoch: its ``update`` counts a batch (the DDP padding cut, the loss terms, the target range, the
-metrics, the throttled bar), all on the device. An ``Epoch`` holds the loaders of one stage and ends in three steps:
-``reduce`` (the sums across ranks, one collective for all dataloaders), ``values`` and ``report`` (non-finite
-losses and targets out of range, once per epoch, by the ``on_bad_values`` policy), then ``close`` (metric states
-freed, the bar left on the exact values). Logging stays with the LightningModule, whose ``self.log`` it is.
+metrics, the throttled bar), all on the device. An ``Epoch`` holds the loaders of one stage and ends in steps the
+end hook calls in turn: ``reduce`` (the sums across ranks, one collective for all dataloaders), ``values`` (read back
+once), ``report`` (non-finite losses and targets out of range, once per epoch, by the ``on_bad_values`` policy),
+``close`` (metric states freed, the bar left on the exact values) and ``logged`` (the names to log under). The
+``self.log`` call stays in the LightningModule, whose method it is.
 
 Example:
     >>> from torch import nn
@@ -218,6 +219,14 @@ class Epoch:
             assert policy is not None  # checked when the metrics were configured
             policy.apply("; ".join(problems) + ".", error=ValueError, warn=lambda text: rank_zero_warn(
                 text + " Set `on_bad_values = 'raise'` to stop instead.", category=UserWarning))
+
+    def logged(self, values: Mapping[str, float]) -> dict[str, float]:
+        """The values under the names they are logged as: ``train/loss`` becomes ``train/loss_epoch``.
+
+        ``train/loss`` is the per-step value ``training_step`` logs; the history keeps the epoch's as ``train/loss``.
+        """
+        rename = self.stage == "train"
+        return {f"{k}_epoch" if rename and k.startswith("train/loss") else k: v for k, v in values.items()}
 
     def close(self, values: Mapping[str, float]) -> None:
         """Free the metric states until the next epoch and leave the bar on the last dataloader's exact values."""

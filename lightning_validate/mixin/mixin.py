@@ -341,17 +341,11 @@ class ValidationMixin(_Base):
         epoch.report(totals, values, self.on_bad_values)
         epoch.close(values)
         distributed = self.trainer.world_size > 1
-        for key, value in values.items():
+        for name, value in epoch.logged(values).items():
             # The values are already global and equal on every rank. Lightning asks for sync_dist on epoch-level
             # values under DDP; the max of equal values is the value itself (a mean would divide and round).
-            self.log(
-                f"{key}_epoch" if stage == "train" and key.startswith("train/loss") else key,
-                value,
-                prog_bar=stage == "val",
-                sync_dist=distributed,
-                reduce_fx="max",
-                add_dataloader_idx=False,  # the suffix is ours: dataloader_idx_<i> or the user's name
-            )
+            self.log(name, value, prog_bar=stage == "val", sync_dist=distributed, reduce_fx="max",
+                     add_dataloader_idx=False)  # the suffix is ours: dataloader_idx_<i> or the user's name
         return values
 
     def _lv_loss(self, outputs: Any, target: Any, n: int, is_sum: bool) -> BatchLoss:
