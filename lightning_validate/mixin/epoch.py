@@ -121,7 +121,8 @@ class Loader:
                 and not labels.is_floating_point()
             ):
                 continue
-            fix = fix_code(outputs, target, messages.hook_fix)
+            tensors = isinstance(preds, Tensor) and isinstance(labels, Tensor)
+            fix = "" if tensors else fix_code(outputs, target, messages.hook_fix)  # the code, for the raw outputs
             raise ValueError(messages.default_metric_error(self.num_classes, preds, labels, fix))
 
     def sums(self, device: torch.device) -> Tensor:
