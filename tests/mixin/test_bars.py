@@ -16,7 +16,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
-import lightning_validate.mixin.mixin as mixin_module
+import lightning_validate.mixin.epoch as epoch_module
 from lightning_validate import ValidationMixin
 from lightning_validate.mixin.bars import running_bar
 
@@ -49,13 +49,13 @@ def screen():
 def reads(monkeypatch):
     """Count the read-backs of the running values (each one a host-device sync on a GPU)."""
     calls = []
-    original = mixin_module._show_running
+    original = epoch_module._show_running
 
     def counting(bar, loader_state):
         calls.append(1)
         original(bar, loader_state)
 
-    monkeypatch.setattr(mixin_module, "_show_running", counting)
+    monkeypatch.setattr(epoch_module, "_show_running", counting)
     return calls
 
 
