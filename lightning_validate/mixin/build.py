@@ -18,13 +18,11 @@ Example:
 
 from __future__ import annotations
 
-import operator
 import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import torch
-from lightning_utilities.core.imports import compare_version
 from torch import nn
 from torchmetrics import Metric
 
@@ -41,7 +39,6 @@ from lightning_validate.stages import TrainerFn
 
 __all__ = [
     "DEFAULTS",
-    "INDEX_NAMES_LOGGABLE",
     "Stage",
     "prepare",
     "container",
@@ -63,11 +60,6 @@ _SETUP_STAGES: dict[str, tuple[Stage, ...]] = {
 
 #: The metric objects made by the default ``configure_metrics`` (whose input shapes the mixin checks itself).
 DEFAULTS: weakref.WeakSet[Metric] = weakref.WeakSet()
-
-#: Lightning before 2.5.3 refuses every logged name with ``/dataloader_idx_`` in it, even with
-#: ``add_dataloader_idx=False``: the names the mixin gives several unnamed dataloaders. Read once, at import.
-INDEX_NAMES_LOGGABLE: bool = compare_version("lightning", operator.ge, "2.5.3")
-
 
 def num_classes_of(model: Any) -> int | None:
     """``num_classes`` from the attribute or ``hparams``, checked; ``None`` when neither has it."""
@@ -123,10 +115,6 @@ def names_of(names: Sequence[str] | None, stage: Stage, count: int) -> list[str]
         raise ValueError(messages.names_error(stage, names, count))
     if count == 1:
         return [""]
-    if names is None and not INDEX_NAMES_LOGGABLE:
-        import lightning
-
-        raise ValueError(messages.unnamed_dataloaders(stage, count, lightning.__version__))
     return [f"/{name}" for name in names] if names else [f"/dataloader_idx_{i}" for i in range(count)]
 
 

@@ -36,7 +36,6 @@ __all__ = [
     "on",
     "outside_epoch",
     "shape_error",
-    "unnamed_dataloaders",
     "unpack_error",
 ]
 
@@ -110,18 +109,6 @@ def never_logged(stage: str, which: str) -> str:
     return (
         f"The {which} {word} epoch was never logged: if you override `on_{word}_epoch_end`, call "
         f"`super().on_{word}_epoch_end()` in it."
-    )
-
-
-def unnamed_dataloaders(stage: str, count: int, version: str) -> str:
-    """Several unnamed dataloaders on a Lightning that refuses the ``/dataloader_idx_<i>`` names they would log."""
-    word = "validation" if stage == "val" else stage
-    example = ", ".join(f'"{word}_{i}"' for i in range(count))
-    return (
-        f"With {count} {word} dataloaders and no `{stage}_dataloader_names`, ValidationMixin logs "
-        f"`{stage}/loss/dataloader_idx_0`, `{stage}/loss/dataloader_idx_1`, ..., but Lightning {version} (before "
-        "2.5.3) refuses any logged name that contains `/dataloader_idx_`. Name the dataloaders in your "
-        f"LightningModule, `{stage}_dataloader_names = [{example}]`, or upgrade to `lightning>=2.5.3`."
     )
 
 

@@ -100,8 +100,7 @@ class ValidationMixin(_Base):
         progress_interval: seconds between refreshes of the running values on Lightning's validation and test
             bars, TQDM or Rich (0.25). Each refresh reads the running values back from the device once.
         val_dataloader_names, test_dataloader_names: one name per dataloader, used instead of
-            ``dataloader_idx_<i>``. Needed with several dataloaders on Lightning before 2.5.3, which refuses logged
-            names with ``/dataloader_idx_`` in them (the epoch start says so, before anything runs).
+            ``dataloader_idx_<i>``.
         log_train_metrics: update the metrics in the default ``training_step`` too (``True``).
     """
 

@@ -140,46 +140,6 @@ def test_several_dataloaders_get_lightning_suffixes_or_names(digits):
         trainer().validate(Miscounted(), [loader(*p) for p in parts], verbose=False)
 
 
-def test_unnamed_dataloaders_on_a_lightning_before_2_5_3_say_both_fixes(digits, monkeypatch):
-    """Lightning before 2.5.3 refuses logged names with `/dataloader_idx_`: said at the epoch start, with the fixes."""
-    import lightning_validate.mixin.build as build
-
-    monkeypatch.setattr(build, "INDEX_NAMES_LOGGABLE", False)
-    x, y = digits
-    parts = [(x[:300], y[:300]), (x[300:600], y[300:600])]
-    model = Lit()
-    with pytest.raises(
-        ValueError,
-        match=r"^With 2 validation dataloaders and no `val_dataloader_names`, ValidationMixin logs "
-        r"`val/loss/dataloader_idx_0`, `val/loss/dataloader_idx_1`, \.\.\., but Lightning \S+ \(before 2\.5\.3\) "
-        r"refuses any logged name that contains `/dataloader_idx_`\. Name the dataloaders in your LightningModule, "
-        r'`val_dataloader_names = \["validation_0", "validation_1"\]`, or upgrade to `lightning>=2\.5\.3`\.$',
-    ):
-        trainer().validate(model, [loader(*p) for p in parts], verbose=False)
-    # Raised at the epoch start, inside the evaluation: the next run gives the modes back (crash recovery).
-    restored = r"^The previous `trainer\.{}\(\)` on this model raised during {}, .* gave them back the modes"
-    with (
-        pytest.warns(UserWarning, match=restored.format("validate", "validation")),
-        pytest.raises(ValueError, match=r"^With 2 test dataloaders and no `test_dataloader_names`.*`test_dataloader_"),
-    ):
-        trainer().test(model, [loader(*p) for p in parts], verbose=False)
-
-    # The first fix, on the same model object: nothing of the refused runs is left in the values.
-    model.val_dataloader_names = ("first", "second")
-    with pytest.warns(UserWarning, match=restored.format("test", "test")):
-        results = trainer().validate(model, [loader(*p) for p in parts], verbose=False)
-    assert model.net[3].training  # given back: Dropout in training mode again after the runs
-    for i, (px, py) in enumerate(parts):
-        ref = reference(model, px, py)
-        key = ("first", "second")[i]
-        assert results[i][f"val/loss/{key}"] == pytest.approx(ref["loss"], abs=1e-6)
-        assert results[i][f"val/acc/{key}"] == pytest.approx(ref["acc"], abs=1e-6)
-    # One dataloader needs no name.
-    single = Lit()
-    (val,) = trainer().validate(single, loader(*parts[0]), verbose=False)
-    assert val["val/acc"] == pytest.approx(reference(single, *parts[0])["acc"], abs=1e-6)
-
-
 class StepLosses(pl.Callback):
     """Per-step training losses and batch sizes, the reference for the epoch mean."""
 
