@@ -226,3 +226,20 @@ def test_summary_never_goes_to_stdout(capsys: pytest.CaptureFixture[str], caplog
     run("fit", Model(), ModeCheck())
     assert capsys.readouterr().out == without
     assert "ModeCheck (fit): " in caplog.text
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("probe", [False, True], ids=["default", "probe"])
+def test_attaching_modecheck_changes_no_logged_value(probe: bool) -> None:
+    """A correct program logs the same values, bit for bit, with ModeCheck attached (the probe restores the RNG)."""
+    logged = []
+    for check in (None, ModeCheck(on_violation="raise", probe=probe, verbose=False)):
+        torch.manual_seed(0)
+        model = Model()
+        run("fit", model, check)
+        (results,) = run("validate", model, None)
+        logged.append(({k: v.item() for k, v in model.trainer.callback_metrics.items()}, results,
+                       [dict(r) for r in model.metrics_history], copy.deepcopy(model.state_dict())))
+    (metrics_a, results_a, history_a, state_a), (metrics_b, results_b, history_b, state_b) = logged
+    assert results_a == results_b and history_a == history_b and metrics_a == metrics_b
+    assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
