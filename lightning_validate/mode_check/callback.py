@@ -22,7 +22,10 @@ Where each check runs (see the hook-order guide: a callback never sees the state
 - Training: grad on at every ``on_train_batch_start``; no trainable submodule in eval mode at the first batch of
   each epoch (after ``on_train_epoch_start`` hooks such as ``BackboneFinetuning`` ran).
 - torchmetrics objects (registered submodules): update counts are read when each epoch's first batch starts and
-  when the epoch ends, to find one object updated in two stages or never reset.
+  when the epoch ends, to find one object updated in two stages, or a state carried over from the previous epoch
+  that ``compute()`` read at the epoch's end (never reset).
+- An exception inside an evaluation (``on_exception``, ``KeyboardInterrupt`` included): the model is given back
+  from the baseline (each submodule's mode, ``requires_grad``, grad mode), and the run ends as interrupted.
 
 The work is in the per-run objects (``EvalRun``, ``TrainingChecks``, ``Reporter``) and ``HookWrappers``; this class
 holds the run's state and routes each hook to one of them.
