@@ -186,7 +186,7 @@ def validate(
         if progress:
             bar = tqdm(total=_num_samples(dataloader), desc=desc, unit=" samples")
         with evaluating(model, inference_mode=step is None):
-            loss, _ = _run(model, dataloader, criterion, named, step, target_device, bar, metric_inputs)
+            loss = _run(model, dataloader, criterion, named, step, target_device, bar, metric_inputs)
             values = _values(loss, named)
         if bar is not None:
             bar.set_postfix(format_postfix(values), refresh=False)
@@ -214,7 +214,7 @@ def _run(
     device: torch.device,
     bar: Any,
     metric_inputs: MetricInputs | None = None,
-) -> tuple[LossAccumulator | None, int]:
+) -> LossAccumulator | None:
     """Run the batch loop: on-device sums only; the host learns batch sizes from shapes, never from values."""
     throttle = Throttle(_REFRESH_INTERVAL)
     show_metrics = not (torch.distributed.is_available() and torch.distributed.is_initialized())
@@ -245,7 +245,7 @@ def _run(
             bar.update(n)
     if seen == 0:
         raise ValueError(_EMPTY)
-    return loss, seen
+    return loss
 
 
 # --------------------------------------------------------------------------------------------------------------
