@@ -63,6 +63,13 @@ class Loader:
     throttle: Throttle
     defaults: frozenset[str] = frozenset()  # the default metrics here, whose input shapes the first batch checks
     num_classes: int | None = None
+    # Built once per epoch, not per batch: the names the hook gets and the keys errors name.
+    _names: list[str] = field(init=False, repr=False)
+    _keys: list[str] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._names = [name for name, _ in self.metrics]
+        self._keys = [f"{self.stage}/{name}{self.suffix}" for name in self._names]
 
     def update(
         self,
@@ -91,7 +98,7 @@ class Loader:
             outputs, target = take_first(outputs, n, keep), take_first(target, n, keep)
         if isinstance(outputs, Tensor) and isinstance(target, Tensor) and outputs.shape[:1] != target.shape[:1]:
             raise ValueError(messages.shape_error(outputs, target))
-        inputs = inputs_of([name for name, _ in self.metrics], outputs, target) if self.metrics else []
+        inputs = inputs_of(self._names, outputs, target) if self.metrics else []
         if self.defaults:
             self._check_defaults(inputs, outputs, target)
             self.defaults = frozenset()  # once per epoch
@@ -99,8 +106,7 @@ class Loader:
         self.loss.add(batch)
         if self.targets is not None and isinstance(target, Tensor):
             self.targets.update(target)
-        for (name, metric), args in zip(self.metrics, inputs, strict=True):
-            key = f"{self.stage}/{name}{self.suffix}"
+        for (_, metric), key, args in zip(self.metrics, self._keys, inputs, strict=True):
             update_metric(metric, args, key=key, outputs=outputs, target=target, fix=messages.hook_fix)
         if bar is not None and self.throttle.due():
             _show_running(bar, self)
