@@ -7,24 +7,29 @@ in the module and what the trainer says (the phase, whether DDP broadcasts buffe
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from lightning_validate.engine import Globs, ModeIndex, Snapshot, check_eval_state, compare, take_snapshot
-from lightning_validate.engine.snapshot import give_back, initialised_buffers
+from lightning_validate.engine import (
+    Globs,
+    ModeIndex,
+    Snapshot,
+    check_eval_state,
+    compare,
+    give_back,
+    initialised_buffers,
+    take_snapshot,
+)
 from lightning_validate.findings import Finding
 from lightning_validate.mode_check.attribution import Mark, attribute
 from lightning_validate.mode_check.probe import ProbeCalls, probe_findings, record_first_calls, remove_hooks
-from lightning_validate.mode_check.report import GivenBack
+from lightning_validate.mode_check.report import GivenBack, log
 from lightning_validate.stages import RunningStage, hook_word
 
 __all__ = ["EvalRun"]
-
-_log = logging.getLogger("lightning_validate")
 
 
 @dataclass
@@ -89,7 +94,7 @@ class EvalRun:
         end = self.marks[-1].snapshot
         if verbose:
             for name, was, now in initialised_buffers(self.baseline, end):
-                _log.info("ModeCheck: buffer `%s` was filled in on the first forward (shape %s -> %s): "
+                log.info("ModeCheck: buffer `%s` was filled in on the first forward (shape %s -> %s): "
                           "initialisation, not reported", name, was, now)
         findings = compare(self.baseline, end, phase=self.phase, boundary=boundary, modes=False,
                            requires_grad=requires_grad, buffers=buffers, allow_train_mode=self.allow_train_mode)
