@@ -78,7 +78,7 @@ class EvalRun:
             self.batches += 1
         findings = check_eval_state(self.index, phase=self.phase, boundary=boundary, allow_grad=allow_grad)
         if not start and self.probe_calls is not None:
-            findings += self._probe()
+            findings += self._probe(module)
         return findings
 
     def finish(self, module: nn.Module, boundary: str, *, requires_grad: bool, buffers: bool,
@@ -125,7 +125,7 @@ class EvalRun:
         remove_hooks(self.probe_handles)
         self.probe_handles = []
 
-    def _probe(self) -> list[Finding]:
+    def _probe(self, module: nn.Module) -> list[Finding]:
         """Run each recorded call twice; differing outputs mean randomness in eval mode."""
         self.remove_probe()
         calls, self.probe_calls = self.probe_calls or {}, None
@@ -133,4 +133,4 @@ class EvalRun:
             return []
         allowed = [m for n, m in zip(self.index.names, self.index.modules, strict=True)
                    if self.allow_train_mode.covers(n)]
-        return probe_findings(calls, allowed, self.phase, self.stage)
+        return probe_findings(module, calls, allowed, self.phase, self.stage)
