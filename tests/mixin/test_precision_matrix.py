@@ -152,3 +152,71 @@ def test_the_mixin_and_mode_check_change_nothing_but_what_is_reported(case: Case
     ref = reference(runs["mixin"][0], case, precision)
     assert logged["mixin"]["val/loss"] == pytest.approx(ref, rel=1e-5, abs=1e-6)
     assert logged["mixin"]["validate:val/loss"] == pytest.approx(ref, rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize("criterion", [nn.CrossEntropyLoss(weight=torch.tensor([0.2, 1.0, 5.0])),
+                                       nn.NLLLoss(weight=torch.tensor([0.2, 1.0, 5.0]))], ids=["ce", "nll"])
+def test_class_weights_under_bf16_mixed_train_with_the_criterions_float32_loss(criterion: nn.Module) -> None:
+    """0.2 computed the loss in bfloat16 under autocast and crashed here ("expected scalar type BFloat16")."""
+
+    class Weighted(ValidationMixin, pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Linear(4, 3)
+            self.criterion = criterion
+            self.dtypes: list[tuple[torch.dtype, torch.dtype]] = []
+
+        def forward(self, x: Tensor) -> Tensor:
+            out = self.net(x)
+            return out.log_softmax(1) if isinstance(self.criterion, nn.NLLLoss) else out
+
+        def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+            loss = super().training_step(batch, batch_idx)
+            self.dtypes.append((loss.dtype, self.criterion(self(batch[0]), batch[1]).dtype))
+            return loss
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    g = torch.Generator().manual_seed(0)
+    data = DataLoader(TensorDataset(torch.randn(20, 4, generator=g), torch.randint(0, 3, (20,), generator=g)),
+                      batch_size=8)
+    model = Weighted()
+    pl.Trainer(accelerator="cpu", max_epochs=1, precision="bf16-mixed", logger=False, enable_checkpointing=False,
+               enable_model_summary=False, enable_progress_bar=False, limit_val_batches=0).fit(model, data, data)
+    assert model.dtypes == [(torch.float32, torch.float32)] * 3
+
+
+def test_a_transformers_classifier_with_class_weights_logs_the_same_loss_with_the_probe() -> None:
+    transformers = pytest.importorskip("transformers")
+
+    class Classifier(ValidationMixin, pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            config = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                             intermediate_size=32, max_position_embeddings=16, num_labels=3)
+            self.bert = transformers.BertForSequenceClassification(config)
+            self.criterion = nn.CrossEntropyLoss(weight=torch.tensor([0.3, 1.0, 3.0]))
+
+        def forward(self, input_ids: Tensor) -> Tensor:
+            logits: Tensor = self.bert(input_ids=input_ids).logits
+            return logits
+
+        def configure_metrics(self) -> dict[str, Any]:
+            return {}
+
+    g = torch.Generator().manual_seed(0)
+    ids, labels = torch.randint(0, 50, (27, 8), generator=g), torch.randint(0, 3, (27,), generator=g)
+    data = DataLoader(TensorDataset(ids, labels), batch_size=8)
+    logged = []
+    for callbacks in ([], [ModeCheck(probe=True, verbose=False, on_violation="raise")]):
+        model = Classifier()
+        trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                             callbacks=callbacks)
+        logged.append(trainer.validate(model, data, verbose=False)[0]["val/loss"])
+    model.eval()
+    with torch.no_grad():
+        logits = torch.cat([model(x) for x, _ in data]).double()
+    reference = float(nn.CrossEntropyLoss(weight=model.criterion.weight.double())(logits, labels))
+    assert logged[1] == logged[0] == pytest.approx(reference, rel=1e-6)
