@@ -8,7 +8,8 @@ run in eval mode for the probe and replay their first output on the second run, 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import copy
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -69,9 +70,9 @@ def probe_findings(calls: ProbeCalls, allowed: list[nn.Module], phase: str, stag
     with _preserved_state(allowed) as replay:
         for name, (module, args, kwargs) in calls.items():
             replay.record()
-            first = module(*args, **kwargs)
+            first = module(*_detach_clone(args), **_detach_clone(kwargs))
             replay.replay()
-            second = module(*args, **kwargs)
+            second = module(*_detach_clone(args), **_detach_clone(kwargs))
             diff = _difference(first, second)
             if diff is not None:
                 differing.append((name, diff))
@@ -83,8 +84,25 @@ def probe_findings(calls: ProbeCalls, allowed: list[nn.Module], phase: str, stag
 
 
 def _detach_clone(value: Any) -> Any:
-    """Copy tensors in nested inputs so that an in-place change by the step does not change the probe's input."""
-    return apply_to_collection(value, Tensor, lambda t: t.detach().clone())
+    """Copy nested inputs so that an in-place change by the step (or by a run) does not change the probe's input.
+
+    Other objects than tensors and plain values are copied too (modules excepted): a key-value cache (Hugging Face's
+    ``DynamicCache``, passed by ``generate()``) grows at every call, so two runs on one cache would differ.
+    """
+    value = apply_to_collection(value, Tensor, lambda t: t.detach().clone())
+    return apply_to_collection(value, object, _copy_object, wrong_dtype=_NOT_COPIED)
+
+
+#: Inputs passed as they are: tensors (cloned above), collections (walked), modules, immutable values.
+_NOT_COPIED = (Tensor, nn.Module, Mapping, Sequence, str, bytes, int, float, complex, type(None), torch.dtype,
+               torch.device)
+
+
+def _copy_object(obj: object) -> object:
+    try:
+        return copy.deepcopy(obj)
+    except Exception:  # an object that cannot be copied (a handle, a lock) is passed as it is
+        return obj
 
 
 def _tensors(value: Any) -> list[Tensor]:
