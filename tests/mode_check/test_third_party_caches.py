@@ -19,11 +19,11 @@ from lightning_validate import ModeCheck, ModeCheckError, ModeCheckWarning
 
 
 def run(model: pl.LightningModule, check: ModeCheck, train: DataLoader, val: DataLoader,
-        validate: bool = False) -> ModeCheck:
+        validate: bool = False, precision: str = "32-true") -> ModeCheck:
     trainer = pl.Trainer(
         accelerator="cpu", devices=1, max_epochs=1, limit_train_batches=3, limit_val_batches=2, num_sanity_val_steps=1,
         logger=False, enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False,
-        callbacks=[check])
+        callbacks=[check], precision=precision)  # type: ignore[arg-type]
     trainer.fit(model, train, val)
     if validate:
         trainer.validate(model, val, verbose=False)
@@ -57,11 +57,14 @@ def sequences(length: int, seed: int) -> DataLoader:
     return DataLoader(TensorDataset(tokens(12, length, seed)), batch_size=4)
 
 
-def test_caches_grown_by_longer_validation_sequences_are_not_lv202(caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "bf16-true"])
+def test_caches_grown_by_longer_validation_sequences_are_not_lv202(precision: str,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
     """At 9ed4be6: LV202 on `net.rot.cos_cached`, `net.rot.sin_cached`, `net.attn.mask` and `net.attn.alibi`."""
     model = LitSeq()
     with caplog.at_level("INFO", logger="lightning_validate"):
-        check = run(model, ModeCheck(on_violation="raise"), sequences(6, 0), sequences(12, 1), validate=True)
+        check = run(model, ModeCheck(on_violation="raise", probe=True), sequences(6, 0), sequences(12, 1),
+                    validate=True, precision=precision)
     assert check.findings == []
     assert model.net.rot.cos_cached.shape == (12, 8) and model.net.attn.alibi.shape == (2, 12, 12)
     assert ("ModeCheck: buffer `net.rot.cos_cached` was rebuilt with another shape ((4, 8) -> (12, 8)): a "

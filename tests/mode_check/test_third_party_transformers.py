@@ -94,11 +94,11 @@ def loader(length: int, seed: int) -> DataLoader:
     return DataLoader(TensorDataset(ids, labels), batch_size=4)
 
 
-def run(model: LitHF, check: ModeCheck) -> None:
+def run(model: LitHF, check: ModeCheck, precision: str = "32-true") -> None:
     trainer = pl.Trainer(
         accelerator="cpu", devices=1, max_epochs=1, limit_train_batches=2, limit_val_batches=1, num_sanity_val_steps=1,
         logger=False, enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False,
-        callbacks=[check])
+        callbacks=[check], precision=precision)  # type: ignore[arg-type]
     trainer.fit(model, loader(10, 0), loader(12, 1))
     trainer.validate(model, loader(12, 1), verbose=False)
 
@@ -107,11 +107,14 @@ def probes(report: Path) -> int:
     return int(json.loads(report.read_text())["boundaries_checked"].get("probe", 0))
 
 
-@pytest.mark.parametrize("name", list(MODELS))
-def test_fit_and_validate_are_clean(name: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("name", "precision"), [
+    *((name, "32-true") for name in MODELS),
+    *((name, precision) for name in ("llama", "gpt2") for precision in ("bf16-mixed", "bf16-true")),
+])
+def test_fit_and_validate_are_clean(name: str, precision: str, tmp_path: Path) -> None:
     report = tmp_path / "report.json"
     check = ModeCheck(on_violation="raise", probe=True, report_path=report, verbose=False)
-    run(LitHF(name), check)
+    run(LitHF(name), check, precision)
     assert check.findings == []
     assert probes(report) == 1  # the latest run (validate) probed its first batch
 
