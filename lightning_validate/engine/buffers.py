@@ -148,6 +148,8 @@ def not_state(before: Snapshot, after: Snapshot, changed: Iterable[str] | None =
         changed = [n for k, n in fb if k == "buffer" and ("buffer", n) in fa
                    and not same(fb[("buffer", n)], fa[("buffer", n)])]
     names = list(changed)
+    if not names:
+        return []
     out: dict[str, NotState] = {}
     for name in names:
         was, now = before.buffer_shapes.get(name), after.buffer_shapes.get(name)
