@@ -43,7 +43,7 @@ def record_first_calls(model: nn.Module, handles: list[RemovableHandle]) -> Prob
     for name, module in targets:
         def hook(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], name: str = name) -> None:
             if name not in calls:
-                calls[name] = (mod, _detach_clone(args), _detach_clone(kwargs))
+                calls[name] = (mod, _detach_clone(args, mod), _detach_clone(kwargs, mod))
         handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
     return calls
 
@@ -70,9 +70,9 @@ def probe_findings(calls: ProbeCalls, allowed: list[nn.Module], phase: str, stag
     with _preserved_state(allowed) as replay:
         for name, (module, args, kwargs) in calls.items():
             replay.record()
-            first = module(*_detach_clone(args), **_detach_clone(kwargs))
+            first = module(*_detach_clone(args, module), **_detach_clone(kwargs, module))
             replay.replay()
-            second = module(*_detach_clone(args), **_detach_clone(kwargs))
+            second = module(*_detach_clone(args, module), **_detach_clone(kwargs, module))
             diff = _difference(first, second)
             if diff is not None:
                 differing.append((name, diff))
@@ -83,14 +83,15 @@ def probe_findings(calls: ProbeCalls, allowed: list[nn.Module], phase: str, stag
     ) for name, diff in (children or differing)]
 
 
-def _detach_clone(value: Any) -> Any:
+def _detach_clone(value: Any, owner: nn.Module) -> Any:
     """Copy nested inputs so that an in-place change by the step (or by a run) does not change the probe's input.
 
-    Other objects than tensors and plain values are copied too (modules excepted): a key-value cache (Hugging Face's
-    ``DynamicCache``, passed by ``generate()``) grows at every call, so two runs on one cache would differ.
+    Other objects than tensors and plain values are copied too: a key-value cache (Hugging Face's ``DynamicCache``,
+    passed by ``generate()``) grows at every call, so two runs on one cache would differ. Modules, and the modules,
+    parameters and buffers of ``owner`` (the module called) that such an object refers to, are not copied.
     """
     value = apply_to_collection(value, Tensor, lambda t: t.detach().clone())
-    return apply_to_collection(value, object, _copy_object, wrong_dtype=_NOT_COPIED)
+    return apply_to_collection(value, object, _copy_object, owner, wrong_dtype=_NOT_COPIED)
 
 
 #: Inputs passed as they are: tensors (cloned above), collections (walked), modules, immutable values.
@@ -98,10 +99,12 @@ _NOT_COPIED = (Tensor, nn.Module, Mapping, Sequence, str, bytes, int, float, com
                torch.device)
 
 
-def _copy_object(obj: object) -> object:
+def _copy_object(obj: object, owner: nn.Module) -> object:
+    # The memo maps what must stay shared to itself: a cache that refers to the model does not copy the model.
+    memo: dict[int, Any] = {id(x): x for x in (*owner.modules(), *owner.parameters(), *owner.buffers())}
     try:
-        return copy.deepcopy(obj)
-    except Exception:  # an object that cannot be copied (a handle, a lock) is passed as it is
+        return copy.deepcopy(obj, memo)
+    except Exception:  # an object that cannot be copied (a handle, a stream) is passed as it is
         return obj
 
 

@@ -207,3 +207,49 @@ def test_a_change_made_by_the_restore_override_is_attributed_to_it() -> None:
                                              r"\(changed in `Writes.on_validation_model_train`\)"):
         run(Writes(), ModeCheck(on_violation="raise"), features(0), features(1))
 
+
+
+# --------------------------------------------------------------------------------------------------------------
+# A key-value cache passed to the model, as generate() passes one: the probe runs each call on its own copy
+
+
+class KVCache:
+    """Keys grow at every call; it refers to the layer it serves (which the probe's copies must not duplicate)."""
+
+    def __init__(self, layer: torch.nn.Module) -> None:
+        self.layer = layer
+        self.keys: list[torch.Tensor] = []
+
+
+class CachedDecoder(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        assert cache.layer is self.proj  # the same layer, not a copy of it
+        cache.keys.append(self.proj(x))
+        return torch.cat(cache.keys, 0).mean(0, keepdim=True).expand_as(x)  # attends to every cached key
+
+
+class LitCached(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.decoder = CachedDecoder()
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self.decoder(batch[0], KVCache(self.decoder.proj)).pow(2).mean()
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        cache, x = KVCache(self.decoder.proj), batch[0]
+        for _ in range(3):  # decoding steps, each reading what the previous ones cached
+            x = self.decoder(x, cache)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_the_probe_runs_a_call_that_carries_a_cache_on_copies_of_it() -> None:
+    """At 9ed4be6: LV103, the two runs appended to the one cache the step had already filled."""
+    check = run(LitCached(), ModeCheck(on_violation="raise", probe=True), features(0), features(1), validate=True)
+    assert check.findings == []
