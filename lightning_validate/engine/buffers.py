@@ -233,6 +233,6 @@ def fix_variant(members: Sequence[str], snapshot: Snapshot, kind: str = "buffer"
         return ""
     if all(r == "norm" for r in roles):
         return "norm"
-    if all(n in snapshot.non_persistent for n in members):
+    if all(n in snapshot.non_persistent and "." in n for n in members):  # the root module cannot be allowed
         return "cache"
     return ""

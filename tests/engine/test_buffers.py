@@ -217,3 +217,12 @@ def test_a_learnable_fake_quantization_written_by_its_observer_is_lv201_with_the
     lv201 = [f for f in findings if f.code == "LV201"]
     assert [(f.module, f.seen) for f in lv201] == [("1", "2 parameters changed")]  # its scale and zero point
     assert lv201[0].fix.startswith("quantization observers keep updating in eval mode")
+
+
+def test_a_cache_of_the_root_module_gets_the_general_fix() -> None:
+    """`allow_train_mode` cannot name the root module, so the cache fix (which allows the owner) does not apply."""
+    model = nn.Module()
+    model.register_buffer("table", torch.ones(3), persistent=False)
+    findings, _ = _diff(model, lambda m: m.table.mul_(2))
+    assert [f.module for f in findings] == ["table"]
+    assert findings[0].fix.startswith("find what writes the buffer during evaluation")
