@@ -15,7 +15,8 @@ LV201 in itself).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import copy
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -50,7 +51,7 @@ def record_first_calls(model: nn.Module, handles: list[RemovableHandle]) -> Prob
     for name, module in targets:
         def hook(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], name: str = name) -> None:
             if name not in calls:
-                calls[name] = (mod, _detach_clone(args), _detach_clone(kwargs))
+                calls[name] = (mod, _detach_clone(args, mod), _detach_clone(kwargs, mod))
         handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
     return calls
 
@@ -80,9 +81,9 @@ def probe_findings(
     with _preserved_state(model, allowed) as replay:
         for name, (module, args, kwargs) in calls.items():
             replay.record()
-            first = module(*args, **kwargs)
+            first = module(*_detach_clone(args, module), **_detach_clone(kwargs, module))
             replay.replay()
-            second = module(*args, **kwargs)
+            second = module(*_detach_clone(args, module), **_detach_clone(kwargs, module))
             diff = _difference(first, second)
             if diff is not None:
                 differing.append((name, diff))
@@ -97,9 +98,29 @@ def _never_probed(module: nn.Module) -> bool:
     return is_metric(module) or isinstance(module, nn.modules.loss._Loss)
 
 
-def _detach_clone(value: Any) -> Any:
-    """Copy tensors in nested inputs so that an in-place change by the step does not change the probe's input."""
-    return apply_to_collection(value, Tensor, lambda t: t.detach().clone())
+def _detach_clone(value: Any, owner: nn.Module) -> Any:
+    """Copy nested inputs so that an in-place change by the step (or by a run) does not change the probe's input.
+
+    Other objects than tensors and plain values are copied too: a key-value cache (Hugging Face's ``DynamicCache``,
+    passed by ``generate()``) grows at every call, so two runs on one cache would differ. Modules, and the modules,
+    parameters and buffers of ``owner`` (the module called) that such an object refers to, are not copied.
+    """
+    value = apply_to_collection(value, Tensor, lambda t: t.detach().clone())
+    return apply_to_collection(value, object, _copy_object, owner, wrong_dtype=_NOT_COPIED)
+
+
+#: Inputs passed as they are: tensors (cloned above), collections (walked), modules, immutable values.
+_NOT_COPIED = (Tensor, nn.Module, Mapping, Sequence, str, bytes, int, float, complex, type(None), torch.dtype,
+               torch.device)
+
+
+def _copy_object(obj: object, owner: nn.Module) -> object:
+    # The memo maps what must stay shared to itself: a cache that refers to the model does not copy the model.
+    memo: dict[int, Any] = {id(x): x for x in (*owner.modules(), *owner.parameters(), *owner.buffers())}
+    try:
+        return copy.deepcopy(obj, memo)
+    except Exception:  # an object that cannot be copied (a handle, a stream) is passed as it is
+        return obj
 
 
 def _tensors(value: Any) -> list[Tensor]:
