@@ -82,13 +82,15 @@ class BatchLoss(NamedTuple):
 
     With ``is_sum`` the value is a numerator: the batch adds ``value`` (and ``weight``) to the epoch sums;
     otherwise it adds ``value * weight`` (0 when ``weight`` is 0, where ``value`` is nan). ``loss`` is what a
-    step returns (for backward) when it is not ``value``.
+    step returns (for backward) when it is not ``value``. ``per_sample`` is the per-sample loss a criterion
+    returned (``value_terms``), kept as it came (nothing computed), for the loss's interval (``metrics.uncertainty``).
     """
 
     value: Tensor
     weight: Tensor | float
     is_sum: bool = False
     loss: Tensor | None = None
+    per_sample: Tensor | None = None
 
     @property
     def step_loss(self) -> Tensor:
@@ -294,7 +296,7 @@ def value_terms(value: Any, batch_size: int, *, is_sum: bool = False, what: str 
             f"{tuple(value.shape)}. Return the batch mean (a 0-dim tensor), one loss per sample, or "
             "`LossTerms(sum, weight)`."
         )
-    return BatchLoss(value.sum(), value.numel(), True, value.mean())
+    return BatchLoss(value.sum(), value.numel(), True, value.mean(), value)
 
 
 def sample_terms(criterion: nn.Module, outputs: Tensor, target: Tensor) -> LossTerms:

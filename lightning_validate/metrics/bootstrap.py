@@ -1,0 +1,531 @@
+"""A Poisson bootstrap of torchmetrics metrics whose states are sums over samples: replicated on the device.
+
+A torchmetrics metric such as macro F1 keeps sums over samples (true positives per class, ...) and computes its
+value from them. A bootstrap replicate is the same metric on a resample of the validation set. Drawing each
+sample ``w ~ Poisson(1)`` times instead of exactly resampling ``n`` of ``n`` (the Poisson bootstrap, which is the
+ordinary bootstrap as ``n`` grows) makes every replicate a weighted sum: ``state[b] = sum_i w(b, i) c_i``, with
+``c_i`` what sample ``i`` adds to the states. For ``B`` replicates that is one ``(B, N) @ (N, K)`` matrix product
+per batch, into a fixed ``(B, K)`` tensor on the device: no Python loop over replicates, no copy of the metric per
+replicate, no index tensor built on the host, nothing read back, and one reduction at the end.
+
+The weights are not drawn from a generator: ``w(b, i)`` is a hash of the seed, the replicate ``b`` and the sample's
+index ``i`` (its position in the evaluation order, the same on any number of processes), mapped to Poisson(1)
+through a table of its quantiles. So every replicate is the same at any batch size, on any number of processes
+and in any order of shards, and two evaluations with the same seed weight each sample alike in each replicate:
+the replicates of two checkpoints are paired. The hash is ``lowbias32`` (Chris Wellons' 32-bit integer hash)
+applied to ``key(seed, b) ^ key(seed, i)``; ``poisson_weight`` is the same definition in plain Python.
+
+Which metrics: the classification metrics built on stat scores (``Binary``/``Multiclass``/``Multilabel`` accuracy,
+precision, recall, F-scores, specificity, negative predictive value, Hamming distance, in any ``average``), those
+built on a confusion matrix (Jaccard index, Cohen's kappa, Matthews correlation) and ``R2Score`` and
+``ExplainedVariance`` on one output. A metric that keeps a list of every sample's scores (exact AUROC) cannot be
+weighted this way: ``family_of`` says why.
+
+Example:
+    >>> import torch
+    >>> from torchmetrics.classification import MulticlassF1Score
+    >>> metric = MulticlassF1Score(3, average="macro")
+    >>> replicated = Replicated(metric, family_of(metric), PoissonWeights(replicates=200, seed=0))
+    >>> preds, target = torch.randn(100, 3), torch.randint(0, 3, (100,))
+    >>> for start in range(0, 100, 32):  # any batch size gives the same replicates
+    ...     replicated.update((preds[start:start + 32], target[start:start + 32]), torch.arange(start, min(start + 32, 100)))
+    >>> values = replicated.values(replicated.pack(torch.device("cpu")))
+    >>> values.shape, bool(values.std() > 0)
+    (torch.Size([200]), True)
+
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+from torchmetrics.classification import (
+    BinaryConfusionMatrix,
+    BinaryStatScores,
+    MulticlassConfusionMatrix,
+    MulticlassStatScores,
+    MultilabelStatScores,
+)
+from torchmetrics.regression import ExplainedVariance, R2Score
+
+#: torchmetrics >= 1.8 counts top-k predictions as the target when it is among them (``_refine_preds_oh``).
+_REFINED_TOP_K = hasattr(importlib.import_module("torchmetrics.functional.classification.stat_scores"),
+                         "_refine_preds_oh")
+
+__all__ = ["PoissonWeights", "Replicated", "Unsupported", "family_of", "poisson_weight"]
+
+_MASK = 0xFFFFFFFF
+_M1 = 0x7FEB352D
+_M2 = 0x846CA68B
+_SEED_KEY = 0x9E3779B9  # distinguishes the seed's key from a replicate's and a sample's
+_SAMPLE_KEY = 0x85EBCA6B
+#: Bits of the hash that pick the Poisson(1) quantile: 65,536 cells, each probability off by < 2**-16.
+_CELLS = 1 << 16
+#: Sample positions whose keys are hashed at once (``PoissonWeights.at``).
+_BLOCK = 4096
+#: Per batch, count contributions are summed in float32 when the products stay exact integers (< 2**24).
+_FLOAT32_EXACT = 1 << 24
+
+
+def _mix(x: int) -> int:
+    """``lowbias32`` on a Python int (the reference definition)."""
+    x &= _MASK
+    x ^= x >> 16
+    x = (x * _M1) & _MASK
+    x ^= x >> 15
+    x = (x * _M2) & _MASK
+    x ^= x >> 16
+    return x
+
+
+def _as_int32(x: int) -> int:
+    return x - (1 << 32) if x >= 1 << 31 else x
+
+
+def _poisson_table() -> list[int]:
+    """For each cell ``j`` of the hash's top 16 bits, the Poisson(1) quantile of ``(j + 1/2) / 2**16``."""
+    table: list[int] = []
+    k, pmf = 0, math.exp(-1.0)
+    cdf = pmf
+    for j in range(_CELLS):
+        u = (j + 0.5) / _CELLS
+        while u > cdf:
+            k += 1
+            pmf /= k
+            cdf += pmf
+        table.append(k)
+    return table
+
+
+_TABLE = _poisson_table()
+
+
+def _replicate_key(seed: int, replicate: int) -> int:
+    return _mix(replicate ^ _mix(seed ^ _SEED_KEY))
+
+
+def _sample_key(seed: int) -> int:
+    return _mix(seed ^ _SAMPLE_KEY)
+
+
+def _pair_cell(replicate_key: int, sample_key: int) -> int:
+    """The table cell of a (replicate, sample) pair: ``lowbias32`` without its first and last xor-shifts, which
+    only stir bits of already mixed keys and the low bits the table does not read."""
+    x = ((replicate_key ^ sample_key) * _M1) & _MASK
+    x ^= x >> 15
+    return ((x * _M2) & _MASK) >> 16
+
+
+def poisson_weight(seed: int, replicate: int, index: int) -> int:
+    """The weight of sample ``index`` in ``replicate`` of the bootstrap with ``seed``: the definition, in Python.
+
+    ``PoissonWeights`` computes the same numbers on the device for a batch of samples and all replicates at once.
+
+    Example:
+        >>> [poisson_weight(0, 0, i) for i in range(12)]
+        [1, 1, 1, 0, 1, 4, 3, 2, 0, 1, 1, 1]
+
+    """
+    if not 0 <= index < 1 << 31:
+        raise ValueError(f"Expected a sample index in [0, 2**31) but got {index}.")
+    return _TABLE[_pair_cell(_replicate_key(seed, replicate), _mix(index ^ _sample_key(seed)))]
+
+
+def _mix_tensor(x: Tensor) -> Tensor:
+    """``lowbias32`` on int32 tensors (two's complement products wrap modulo 2**32, shifts are made logical)."""
+    x = x ^ ((x >> 16) & 0xFFFF)
+    x.mul_(_as_int32(_M1))
+    x.bitwise_xor_((x >> 15) & 0x1FFFF)
+    x.mul_(_as_int32(_M2))
+    x.bitwise_xor_((x >> 16) & 0xFFFF)
+    return x
+
+
+class PoissonWeights:
+    """``w(b, i) ~ Poisson(1)`` for ``B`` replicates and a batch of sample indices, as a ``(B, N)`` float32 tensor.
+
+    Args:
+        replicates: the number of replicates ``B``.
+        seed: the bootstrap's seed.
+    """
+
+    def __init__(self, replicates: int, seed: int) -> None:
+        self.replicates = replicates
+        self.seed = seed
+        self._sample_key = _as_int32(_sample_key(seed))
+        self._keys_host = torch.tensor([_as_int32(_replicate_key(seed, b)) for b in range(replicates)],
+                                       dtype=torch.int32).reshape(-1, 1)
+        self._table_host = torch.tensor(_TABLE, dtype=torch.float32)
+        self._on: dict[torch.device, tuple[Tensor, Tensor]] = {}
+
+    def _device_tensors(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        found = self._on.get(device)
+        if found is None:
+            with torch.inference_mode(False):
+                found = (self._keys_host.to(device), self._table_host.to(device))
+            self._on[device] = found
+        return found
+
+    def __call__(self, ids: Tensor) -> Tensor:
+        """The weights of the samples ``ids`` (int32 or int64, each in ``[0, 2**31)``) in every replicate."""
+        return self._weights(_mix_tensor(ids.to(torch.int32) ^ self._sample_key))
+
+    def at(self, start: int, count: int, world: int = 1, rank: int = 0, device: torch.device | None = None) -> Tensor:
+        """The weights of the samples at positions ``rank + world * k`` for ``k`` in ``[start, start + count)``.
+
+        The samples' own keys are hashed for a block of positions at a time and kept until the batches move past
+        the block, so that a batch costs only its ``(B, N)`` part.
+        """
+        device = device if device is not None else torch.device("cpu")
+        block = self._block
+        if block is None or block[0] != (world, rank, device) or not block[1] <= start < start + count <= block[2]:
+            first = start
+            last = max(start + count, start + _BLOCK)
+            ids = torch.arange(rank + world * first, rank + world * last, world, dtype=torch.int32, device=device)
+            with torch.inference_mode(False):
+                keys = _mix_tensor(ids ^ self._sample_key)
+            block = self._block = ((world, rank, device), first, last, keys)
+        return self._weights(block[3][start - block[1] : start - block[1] + count])
+
+    _block: tuple[tuple[int, int, torch.device], int, int, Tensor] | None = None
+
+    def _weights(self, sample_keys: Tensor) -> Tensor:
+        keys, table = self._device_tensors(sample_keys.device)
+        x = keys ^ sample_keys.reshape(1, -1)
+        x.mul_(_as_int32(_M1))
+        x.bitwise_xor_((x >> 15) & 0x1FFFF)
+        x.mul_(_as_int32(_M2))
+        cells = (x >> 16) & 0xFFFF
+        return table.index_select(0, cells.reshape(-1)).reshape(x.shape)
+
+
+class Unsupported(Exception):
+    """A metric (or an input) the bootstrap cannot replicate; the message says why."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Families: what each sample adds to the states (rows of width K), and the metric's value from B replicated states
+
+
+class _Family:
+    """How one kind of metric splits into per-sample contributions and gets its value back from summed ones."""
+
+    width: int
+    counts: bool = True  # contributions are integer counts (exact in float32 per batch)
+
+    def __init__(self, metric: Metric) -> None:
+        self.metric = metric
+
+    def rows(self, args: Sequence[Any]) -> Tensor:
+        """What each sample of a batch adds to the states: ``(N, width)``."""
+        raise NotImplementedError
+
+    def values(self, replicated: Tensor) -> Tensor:
+        """The metric's value in each replicate: ``(B,)`` float64, from ``(B, width)`` summed contributions."""
+        raise NotImplementedError
+
+    def _shadow(self) -> Metric:
+        """A copy of the metric to compute replicate values on: its own states are never touched."""
+        shadow = copy.deepcopy(self.metric)
+        shadow.reset()
+        return shadow
+
+
+def _tensors(args: Sequence[Any], metric: Metric) -> tuple[Tensor, Tensor]:
+    if len(args) != 2 or not all(isinstance(a, Tensor) for a in args):
+        raise Unsupported(f"{type(metric).__name__} is updated with something other than two tensors (preds, target)")
+    preds, target = args
+    assert isinstance(preds, Tensor) and isinstance(target, Tensor)
+    return preds.detach(), target.detach()
+
+
+def _probabilities(preds: Tensor) -> Tensor:
+    """torchmetrics' rule for binary scores: a sigmoid when any value is outside [0, 1]; decided on the device."""
+    inside = ((preds >= 0) & (preds <= 1)).all()
+    return torch.where(inside, preds, preds.sigmoid())
+
+
+def _binary_labels(preds: Tensor, threshold: float) -> Tensor:
+    if preds.is_floating_point():
+        return _probabilities(preds) > threshold
+    return preds
+
+
+def _valid(target: Tensor, ignore_index: int | None) -> Tensor:
+    if ignore_index is None:
+        return torch.ones_like(target, dtype=torch.bool)
+    return target != ignore_index
+
+
+class _BinaryStats(_Family):
+    """``Binary*`` stat-score metrics: per sample ``(tp, fp, tn, fn)``, values by the metric in ``samplewise`` mode."""
+
+    width = 4
+
+    def rows(self, args: Sequence[Any]) -> Tensor:
+        preds, target = _tensors(args, self.metric)
+        n = target.shape[0]
+        p = _binary_labels(preds, self.metric.threshold).reshape(n, -1) == 1
+        t = target.reshape(n, -1)
+        valid = _valid(t, self.metric.ignore_index)
+        pos, neg = (t == 1) & valid, (t == 0) & valid
+        return torch.stack([(p & pos).sum(1), (p & neg).sum(1), (~p & neg).sum(1), (~p & pos).sum(1)], 1)
+
+    def values(self, replicated: Tensor) -> Tensor:
+        states = replicated.round().long()
+        return _samplewise(self._shadow(), states[:, 0], states[:, 1], states[:, 2], states[:, 3])
+
+
+def _multiclass_labels(preds: Tensor, target: Tensor, top_k: int) -> Tensor:
+    """Each element's predicted label as torchmetrics counts it; with ``top_k > 1`` the target when it is among the
+    top k scores, else the top score (torchmetrics' ``_refine_preds_oh``)."""
+    if not (preds.is_floating_point() and preds.ndim == target.ndim + 1):
+        return preds.long()
+    if top_k == 1:
+        return preds.argmax(1)
+    top = preds.topk(top_k, dim=1).indices
+    hit = (top == target.unsqueeze(1)).any(1)
+    return torch.where(hit, target.long(), top.select(1, 0))
+
+
+class _MulticlassStats(_Family):
+    """``Multiclass*`` stat-score metrics: per sample and class ``tp``, ``fn``, ``fp``, and the sample's count of
+    elements not ignored (``tn`` is the rest); values by the metric in ``samplewise`` mode."""
+
+    def __init__(self, metric: Metric) -> None:
+        super().__init__(metric)
+        self.classes = int(metric.num_classes)
+        self.width = 3 * self.classes + 1
+        if metric.top_k > 1 and not _REFINED_TOP_K:
+            raise Unsupported(f"{type(metric).__name__}(top_k={metric.top_k}) counts top-k differently in this "
+                              "torchmetrics release")
+
+    def rows(self, args: Sequence[Any]) -> Tensor:
+        preds, target = _tensors(args, self.metric)
+        n, c = target.shape[0], self.classes
+        labels = _multiclass_labels(preds, target, self.metric.top_k).reshape(n, -1)
+        t = target.reshape(n, -1).long()
+        valid = _valid(t, self.metric.ignore_index)
+        t = t.masked_fill(~valid, 0).clamp(0, c - 1)
+        labels = labels.clamp(0, c - 1)
+        v = valid.to(torch.float32)
+        correct = (labels == t).to(torch.float32) * v
+        out = torch.zeros(n, self.width, dtype=torch.float32, device=target.device)
+        out[:, :c].scatter_add_(1, t, correct)
+        out[:, c : 2 * c].scatter_add_(1, t, v - correct)
+        out[:, 2 * c : 3 * c].scatter_add_(1, labels, v - correct)
+        out[:, 3 * c] = v.sum(1)
+        return out
+
+    def values(self, replicated: Tensor) -> Tensor:
+        c = self.classes
+        states = replicated.round().long()
+        tp, fn, fp = states[:, :c], states[:, c : 2 * c], states[:, 2 * c : 3 * c]
+        tn = states[:, 3 * c :] - tp - fn - fp
+        return _samplewise(self._shadow(), tp, fp, tn, fn)
+
+
+class _MultilabelStats(_Family):
+    """``Multilabel*`` stat-score metrics: per sample and label ``(tp, fp, tn, fn)``."""
+
+    def __init__(self, metric: Metric) -> None:
+        super().__init__(metric)
+        self.labels = int(metric.num_labels)
+        self.width = 4 * self.labels
+
+    def rows(self, args: Sequence[Any]) -> Tensor:
+        preds, target = _tensors(args, self.metric)
+        n, k = target.shape[0], self.labels
+        p = (_binary_labels(preds, self.metric.threshold) == 1).reshape(n, k, -1)
+        t = target.reshape(n, k, -1)
+        valid = _valid(t, self.metric.ignore_index)
+        pos, neg = (t == 1) & valid, (t == 0) & valid
+        return torch.cat([(p & pos).sum(2), (p & neg).sum(2), (~p & neg).sum(2), (~p & pos).sum(2)], 1)
+
+    def values(self, replicated: Tensor) -> Tensor:
+        k = self.labels
+        s = replicated.round().long()
+        return _samplewise(self._shadow(), s[:, :k], s[:, k : 2 * k], s[:, 2 * k : 3 * k], s[:, 3 * k :])
+
+
+def _samplewise(shadow: Metric, tp: Tensor, fp: Tensor, tn: Tensor, fn: Tensor) -> Tensor:
+    """The metric's own ``compute`` on ``B`` replicated states at once: its ``samplewise`` mode reduces each row."""
+    shadow.multidim_average = "samplewise"
+    for name, state in (("tp", tp), ("fp", fp), ("tn", tn), ("fn", fn)):
+        object.__setattr__(shadow, name, state)
+    value = type(shadow).compute(shadow)
+    return value.to(torch.float64).reshape(-1)
+
+
+class _ConfusionMatrix(_Family):
+    """Metrics computed from a confusion matrix (Jaccard index, Cohen's kappa, Matthews correlation): per sample
+    its ``(target, prediction)`` counts; values by the metric, one replicate at a time."""
+
+    def __init__(self, metric: Metric) -> None:
+        super().__init__(metric)
+        self.binary = isinstance(metric, BinaryConfusionMatrix)
+        self.classes = 2 if self.binary else int(metric.num_classes)
+        self.width = self.classes * self.classes
+
+    def rows(self, args: Sequence[Any]) -> Tensor:
+        preds, target = _tensors(args, self.metric)
+        n, c = target.shape[0], self.classes
+        if self.binary:
+            labels = _binary_labels(preds, self.metric.threshold).long()
+        else:
+            labels = _multiclass_labels(preds, target, 1)
+        labels = labels.reshape(n, -1).clamp(0, c - 1)
+        t = target.reshape(n, -1).long()
+        valid = _valid(t, self.metric.ignore_index)
+        t = t.masked_fill(~valid, 0).clamp(0, c - 1)
+        out = torch.zeros(n, self.width, dtype=torch.float32, device=target.device)
+        return out.scatter_add_(1, t * c + labels, valid.to(torch.float32))
+
+    def values(self, replicated: Tensor) -> Tensor:
+        shadow = self._shadow()
+        counts = replicated.round().long()
+        return _one_by_one(shadow, counts, lambda s, row: setattr(s, "confmat", row.reshape(self.classes,
+                                                                                            self.classes)))
+
+
+class _Regression(_Family):
+    """``R2Score`` and ``ExplainedVariance`` on one output: per sample the sums their states keep."""
+
+    counts = False
+
+    def __init__(self, metric: Metric) -> None:
+        super().__init__(metric)
+        self.width = 4 if isinstance(metric, R2Score) else 5
+
+    def rows(self, args: Sequence[Any]) -> Tensor:
+        preds, target = _tensors(args, self.metric)
+        if preds.ndim > 1 and preds.shape[1] != 1 or target.ndim > 1 and target.shape[1] != 1:
+            raise Unsupported(f"{type(self.metric).__name__} on several outputs (shape {tuple(preds.shape)})")
+        p, y = preds.reshape(-1).to(torch.float64), target.reshape(-1).to(torch.float64)
+        error = y - p
+        ones = torch.ones_like(y)
+        if self.width == 4:  # R2Score: sum_squared_error = sum y^2, sum_error = sum y, residual, total
+            return torch.stack([y * y, y, error * error, ones], 1)
+        # ExplainedVariance: num_obs, sum_error, sum_squared_error, sum_target, sum_squared_target
+        return torch.stack([ones, error, error * error, y, y * y], 1)
+
+    def values(self, replicated: Tensor) -> Tensor:
+        shadow = self._shadow()
+        if self.width == 4:
+            names = ("sum_squared_error", "sum_error", "residual", "total")
+        else:
+            names = ("num_obs", "sum_error", "sum_squared_error", "sum_target", "sum_squared_target")
+
+        def put(s: Metric, row: Tensor) -> None:
+            for i, name in enumerate(names):
+                value = row[i]
+                setattr(s, name, value.round().long() if name == "total" else value)
+
+        return _one_by_one(shadow, replicated.to(torch.float64), put)
+
+
+def _one_by_one(shadow: Metric, replicated: Tensor, put: Callable[[Metric, Tensor], None]) -> Tensor:
+    """The metric's own ``compute`` on each replicate's states; a replicate it cannot compute on is ``nan``."""
+    values: list[Tensor] = []
+    nan = torch.tensor(math.nan, dtype=torch.float64)
+    for row in replicated.unbind(0):
+        put(shadow, row)
+        try:
+            value = type(shadow).compute(shadow)
+        except (ValueError, RuntimeError, ZeroDivisionError):  # e.g. R2 of a replicate with fewer than 2 samples
+            values.append(nan)
+            continue
+        values.append(value.detach().to(torch.float64).reshape(-1)[0].cpu())
+    return torch.stack(values)
+
+
+def family_of(metric: Metric) -> _Family:
+    """The bootstrap family of ``metric``.
+
+    Raises:
+        Unsupported: with the reason, for a metric with list states or one the bootstrap does not know.
+    """
+    name = type(metric).__name__
+    lists = [k for k, v in metric._defaults.items() if isinstance(v, list)]
+    if lists:
+        raise Unsupported(
+            f"{name} keeps every sample's values (list states {', '.join(f'`{k}`' for k in lists)}), which a "
+            "fixed-size replicated state cannot weight"
+        )
+    if getattr(metric, "multidim_average", "global") != "global":
+        raise Unsupported(f"{name}(multidim_average={metric.multidim_average!r}) is not one value")
+    if isinstance(metric, BinaryStatScores):
+        return _BinaryStats(metric)
+    if isinstance(metric, MulticlassStatScores):
+        return _MulticlassStats(metric)
+    if isinstance(metric, MultilabelStatScores):
+        return _MultilabelStats(metric)
+    if isinstance(metric, (BinaryConfusionMatrix, MulticlassConfusionMatrix)):
+        return _ConfusionMatrix(metric)
+    if isinstance(metric, (R2Score, ExplainedVariance)):
+        return _Regression(metric)
+    raise Unsupported(
+        f"{name} is not a metric whose states this bootstrap can split per sample (stat scores, confusion matrices, "
+        "R2Score, ExplainedVariance)"
+    )
+
+
+class Replicated:
+    """One metric's ``B`` replicated states: a ``(B, K)`` float64 tensor on the device, updated by one product.
+
+    Args:
+        metric: the metric whose value is replicated (only read, at the end, through a copy).
+        family: its ``family_of``.
+        weights: the replicates' weights (shared by every metric of an evaluation).
+    """
+
+    def __init__(self, metric: Metric, family: _Family, weights: PoissonWeights) -> None:
+        self.metric = metric
+        self.family = family
+        self.weights = weights
+        self._states: Tensor | None = None
+
+    @property
+    def size(self) -> int:
+        """The length of ``pack()``: the same on every process before any batch, for one reduction."""
+        return self.weights.replicates * self.family.width
+
+    def update(self, args: Sequence[Any], ids: Tensor, weights: Tensor | None = None) -> None:
+        """Add a batch: the metric's ``update`` arguments and the samples' indices; ``weights`` if already drawn."""
+        rows = self.family.rows(args)
+        w = self.weights(ids) if weights is None else weights
+        if self._states is None:
+            with torch.inference_mode(False):
+                self._states = torch.zeros(self.weights.replicates, self.family.width, dtype=torch.float64,
+                                           device=rows.device)
+        # Counts weighted by small integers are exact in float32 while each product stays below 2**24; the running
+        # states are float64 either way, so every batch adds exact integers (or float64 sums for R2).
+        if self.family.counts and rows.shape[0] * 8 * max(1, _elements(args)) < _FLOAT32_EXACT:
+            self._states.add_(w @ rows.to(torch.float32))
+        else:
+            self._states.addmm_(w.to(torch.float64), rows.to(torch.float64))
+
+    def pack(self, device: torch.device) -> Tensor:
+        """The replicated states, flattened, for an ``all_reduce(SUM)``; zeros if no batch came."""
+        if self._states is None:
+            return torch.zeros(self.size, dtype=torch.float64, device=device)
+        return self._states.reshape(-1).to(device)
+
+    def values(self, packed: Tensor) -> Tensor:
+        """The metric's value in each replicate, from a (reduced) ``pack()``: ``(B,)`` float64."""
+        return self.family.values(packed.reshape(self.weights.replicates, self.family.width).to(torch.float64))
+
+
+def _elements(args: Sequence[Any]) -> int:
+    """Elements per sample of the target (pixels, labels), from its shape."""
+    target = args[-1] if args else None
+    if isinstance(target, Tensor) and target.ndim > 1:
+        return math.prod(target.shape[1:])
+    return 1
