@@ -21,6 +21,7 @@ over rounds of each ratio.
     python benchmarks/user_config.py                                  # this checkout only
     git worktree add /tmp/v01 533adbc                                  # an earlier release beside it
     python benchmarks/user_config.py --ab 0.1=/tmp/v01 now=. --rounds 9
+    python benchmarks/user_config.py --ab 0.1=/tmp/v01 now=. --rounds 5 --jobs 10   # 16 idle cores
 """
 
 from __future__ import annotations
@@ -188,6 +189,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timings of each row per round (median taken)")
     parser.add_argument("--batches", type=int, default=150)
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="workers at once, each pinned to a core (only on a machine with that many idle cores)")
     parser.add_argument("--worker", metavar="PATH", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -198,12 +201,23 @@ def main() -> None:
     versions = dict(item.split("=", 1) for item in args.ab)
     results: dict[str, list[dict[str, float]]] = {name: [] for name in versions}
     load = os.getloadavg()[0]
-    for _ in range(args.rounds):
-        for name, path in versions.items():
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    runs = [(name, path) for _ in range(args.rounds) for name, path in versions.items()]
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    for start in range(0, len(runs), args.jobs):
+        # With --jobs > 1 (a machine with idle cores), that many workers run at once, each on a core of its own;
+        # each ratio is still taken within one process, whose rows alternate.
+        procs = []
+        for i, (name, path) in enumerate(runs[start : start + args.jobs]):
             cmd = [sys.executable, __file__, "--worker", str(Path(path).resolve()), "--repeats", str(args.repeats),
                    "--batches", str(args.batches), "--batch-size", str(args.batch_size)]
-            env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
+            if args.jobs > 1 and cores:
+                cmd = ["taskset", "-c", str(cores[(i + 1) % len(cores)]), *cmd]
+            procs.append((name, subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)))
+        for name, proc in procs:
+            out, _ = proc.communicate()
+            if proc.returncode:
+                raise SystemExit(f"a worker for {name} exited {proc.returncode}")
             results[name].append(json.loads(out.strip().splitlines()[-1]))
 
     import lightning
@@ -212,7 +226,8 @@ def main() -> None:
 
     print(f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, lightning {lightning.__version__}, "
           f"torchmetrics {torchmetrics.__version__}, Python {platform.python_version()}; 1 torch thread; "
-          f"{args.batches} batches of {args.batch_size}; {args.rounds} paired rounds x {args.repeats} repeats; "
+          f"{args.batches} batches of {args.batch_size}; {args.rounds} paired rounds x {args.repeats} repeats, "
+          f"{args.jobs} worker(s) at once; "
           f"load average before: {load:.2f}\n")
     print("| row | " + " | ".join(f"{v} ms/batch" for v in versions) + " |")
     print("|---|" + "---|" * len(versions))
