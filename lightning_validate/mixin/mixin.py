@@ -41,7 +41,7 @@ from typing_extensions import override
 from lightning_validate.metrics.batches import batch_size_of
 from lightning_validate.metrics.fast_accuracy import default_metrics
 from lightning_validate.metrics.inputs import split_inputs
-from lightning_validate.metrics.loss_terms import BatchLoss, LossTerms, batch_loss, value_terms
+from lightning_validate.metrics.loss_terms import BatchLoss, LossTerms, batch_loss, loss_plan, value_terms
 from lightning_validate.mixin import build, messages
 from lightning_validate.mixin.build import Stage
 from lightning_validate.mixin.run import CHECKPOINT_KEY, RunState
@@ -207,7 +207,7 @@ class ValidationMixin(_Base):
         if epoch is None or dataloader_idx >= len(epoch.loaders):
             raise RuntimeError(messages.outside_epoch(stage, dataloader_idx, epoch is not None))
         return epoch.loaders[dataloader_idx].update(
-            outputs, target, inputs_of=self._lv_metric_inputs, loss_of=self._lv_loss, bar=epoch.bar
+            outputs, target, inputs_of=self._lv_metric_inputs, loss_of=epoch.loss_of or self._lv_loss, bar=epoch.bar
         )
 
     # ----------------------------------------------------------------------------------------------------------
@@ -328,7 +328,9 @@ class ValidationMixin(_Base):
 
     def _lv_begin(self, stage: Stage) -> None:
         build.prepare(self, self._lv, self._lv_default_loss())
-        self._lv.open(build.open_epoch(self, self._lv, stage, self._lv_default_loss()))
+        epoch = build.open_epoch(self, self._lv, stage, self._lv_default_loss())
+        epoch.loss_of = self._lv_criterion_loss()
+        self._lv.open(epoch)
 
     def _lv_end(self, stage: Stage) -> dict[str, float]:
         """Reduce across processes, report bad values, log; return the values for the history."""
@@ -346,6 +348,30 @@ class ValidationMixin(_Base):
             self.log(name, value, prog_bar=stage == "val", sync_dist=distributed, reduce_fx="max",
                      add_dataloader_idx=False)  # the suffix is ours: dataloader_idx_<i> or the user's name
         return values
+
+    def _lv_criterion_loss(self) -> Callable[[Any, Any, int, bool], BatchLoss] | None:
+        """The epoch's loss path when ``compute_loss`` is the default and ``criterion`` a torch loss, else ``None``.
+
+        Decided once per epoch, so a batch pays only for the criterion and its weight; a criterion replaced during
+        the epoch goes the general way (``_lv_loss``).
+        """
+        if getattr(self.compute_loss, "__func__", None) is not ValidationMixin.compute_loss:
+            return None
+        criterion = getattr(self, "criterion", None)
+        plan = loss_plan(criterion)
+        if plan is None:
+            return None
+
+        def loss_of(outputs: Any, target: Any, n: int, is_sum: bool) -> BatchLoss:
+            if self.criterion is not criterion:
+                return self._lv_loss(outputs, target, n, is_sum)
+            try:
+                batch = plan(outputs, target)
+            except (RuntimeError, ValueError, IndexError) as err:
+                raise type(err)(messages.criterion_error(criterion, outputs, target, err)) from err
+            return batch if batch is not None else self._lv_loss(outputs, target, n, is_sum)
+
+        return loss_of
 
     def _lv_loss(self, outputs: Any, target: Any, n: int, is_sum: bool) -> BatchLoss:
         """The batch's loss and its weight: exact terms for a torch criterion, else what ``compute_loss`` returns."""

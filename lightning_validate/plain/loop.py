@@ -43,7 +43,7 @@ from lightning_validate.metrics.accumulators import LossAccumulator, sum_dtype
 from lightning_validate.metrics.batches import batch_size_of, describe, to_device, unpack_example
 from lightning_validate.metrics.checks import check_metric_dict
 from lightning_validate.metrics.inputs import split_inputs, update_metric
-from lightning_validate.metrics.loss_terms import LossTerms, batch_loss, value_terms
+from lightning_validate.metrics.loss_terms import LossTerms, loss_plan, value_terms
 from lightning_validate.metrics.states import restore_states, save_states
 from lightning_validate.plain.context import evaluating
 from lightning_validate.progress import DEFAULT_INTERVAL, Throttle, format_postfix
@@ -221,6 +221,7 @@ def _run(
     loss = None
     if criterion is not None:
         loss = LossAccumulator("sum" if getattr(criterion, "reduction", "mean") == "sum" else "mean")
+    plan = loss_plan(criterion)  # a torch loss: its own value, with its numerator's denominator beside it
     seen = 0
     for batch in dataloader:
         batch = to_device(batch, device)
@@ -232,7 +233,7 @@ def _run(
         n = _batch_size(target, outputs)
         if loss is not None:
             assert criterion is not None
-            terms = batch_loss(criterion, outputs, target)  # a torch loss: its own numerator and denominator
+            terms = plan(outputs, target) if plan is not None else None
             if terms is None:
                 terms = value_terms(criterion(outputs, target), n, is_sum=loss.reduction == "sum", what=_CRITERION)
             loss.add(terms)
