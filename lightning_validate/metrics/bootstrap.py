@@ -38,6 +38,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import functools
 import importlib
 import math
 from collections.abc import Callable, Sequence
@@ -148,6 +149,19 @@ def _mix_tensor(x: Tensor) -> Tensor:
     return x
 
 
+@functools.lru_cache(maxsize=8)
+def _replicate_keys(seed: int, replicates: int) -> Tensor:
+    with torch.inference_mode(False):
+        keys = [_as_int32(_replicate_key(seed, b)) for b in range(replicates)]
+        return torch.tensor(keys, dtype=torch.int32).reshape(-1, 1)
+
+
+@functools.lru_cache(maxsize=1)
+def _table_tensor() -> Tensor:
+    with torch.inference_mode(False):
+        return torch.tensor(_TABLE, dtype=torch.float32)
+
+
 class PoissonWeights:
     """``w(b, i) ~ Poisson(1)`` for ``B`` replicates and a batch of sample indices, as a ``(B, N)`` float32 tensor.
 
@@ -160,9 +174,8 @@ class PoissonWeights:
         self.replicates = replicates
         self.seed = seed
         self._sample_key = _as_int32(_sample_key(seed))
-        self._keys_host = torch.tensor([_as_int32(_replicate_key(seed, b)) for b in range(replicates)],
-                                       dtype=torch.int32).reshape(-1, 1)
-        self._table_host = torch.tensor(_TABLE, dtype=torch.float32)
+        self._keys_host = _replicate_keys(seed, replicates)
+        self._table_host = _table_tensor()
         self._on: dict[torch.device, tuple[Tensor, Tensor]] = {}
 
     def _device_tensors(self, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -232,9 +245,13 @@ class _Family:
         raise NotImplementedError
 
     def _shadow(self) -> Metric:
-        """A copy of the metric to compute replicate values on: its own states are never touched."""
-        shadow = copy.deepcopy(self.metric)
-        shadow.reset()
+        """A copy of the metric to compute replicate values on (made once): the metric's own states are never
+        touched, and each use sets every state the computation reads."""
+        shadow = self.__dict__.get("_shadow_metric")
+        if shadow is None:
+            shadow = copy.deepcopy(self.metric)
+            shadow.reset()
+            self.__dict__["_shadow_metric"] = shadow
         return shadow
 
 

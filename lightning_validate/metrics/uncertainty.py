@@ -480,10 +480,12 @@ class EvaluationIntervals:
         elif loss:
             self._loss = self._loss_estimator(criterion)
             self.estimators.append(self._loss)
-        for name, metric in metrics:
+        self._by_metric: list[tuple[int, _Estimator]] = []  # the position of each one's metric in `metrics`
+        for i, (name, metric) in enumerate(metrics):
             estimator = self._metric_estimator(name, metric)
             if estimator is not None:
                 self.estimators.append(estimator)
+                self._by_metric.append((i, estimator))
         if spec.record:
             for estimator in self.estimators:
                 if estimator.kind != "bootstrap":
@@ -557,9 +559,7 @@ class EvaluationIntervals:
                 drawn.append(self._weights.at(start, n, self.world, self.rank, device))
             return drawn[0]
 
-        estimators = iter(self.estimators)
         if self._loss is not None:
-            next(estimators)
             if self._loss.rows is _unused:
                 per_sample = batch.per_sample if batch is not None else None
                 if isinstance(per_sample, Tensor) and per_sample.ndim and per_sample.shape[0] == n:
@@ -571,14 +571,18 @@ class EvaluationIntervals:
                     self._loss.missing += 1
             else:
                 self._loss.update((outputs, target), n, weights)
-        for estimator, args in zip(estimators, inputs, strict=True):
-            estimator.update(args, n, weights)
+        for i, estimator in self._by_metric:
+            estimator.update(inputs[i], n, weights)
         if self._ids is not None and self._fingerprints is not None:
             device = _device_of(inputs, outputs, target)
             ids = torch.arange(start, start + n, dtype=torch.int64, device=device) * self.world + self.rank
             self._ids.add(ids)
             found = fingerprints(target, n)
             self._fingerprints.add(found if found is not None else torch.full((n,), math.nan, device=device))
+
+    def loss_size(self) -> int:
+        """The length of the loss's part at the start of ``pack()`` (0 without a loss interval)."""
+        return self._loss.size(self.world) if self._loss is not None else 0
 
     def size(self) -> int:
         """The length of ``pack()``, the same on every process."""

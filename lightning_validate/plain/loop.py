@@ -43,9 +43,12 @@ from lightning_validate.metrics.accumulators import LossAccumulator, sum_dtype
 from lightning_validate.metrics.batches import batch_size_of, describe, to_device, unpack_example
 from lightning_validate.metrics.checks import check_metric_dict
 from lightning_validate.metrics.inputs import split_inputs, update_metric
+from lightning_validate.metrics.intervals import Intervals, intervals_from
 from lightning_validate.metrics.loss_terms import LossTerms, loss_plan, value_terms
 from lightning_validate.metrics.states import restore_states, save_states
+from lightning_validate.metrics.uncertainty import EvaluationIntervals
 from lightning_validate.plain.context import evaluating
+from lightning_validate.plain.intervals import finish_intervals, per_metric, tracker_for
 from lightning_validate.progress import DEFAULT_INTERVAL, Throttle, format_postfix
 
 __all__ = ["validate"]
@@ -71,6 +74,7 @@ def validate(
     device: torch.device | str | None = None,
     progress: bool = True,
     desc: str = "Valid",
+    confidence: float | Intervals | None = None,
 ) -> dict[str, float]:
     """Evaluate ``model`` on every batch of ``dataloader``; return the loss and metrics as plain floats.
 
@@ -133,10 +137,14 @@ def validate(
         device: where batches go; default: the device of the model's first parameter or buffer (CPU if none).
         progress: show a tqdm bar counting samples, with the running values in its postfix.
         desc: the bar's label.
+        confidence: a confidence level (``0.95``) or ``Intervals(...)``: every value also gets its interval, as
+            ``"<name>_low"`` and ``"<name>_high"`` (``docs/uncertainty.md``: which method for which value). A value
+            without one is named in a warning. Default ``None``: no intervals, and nothing extra per batch.
 
     Returns:
         ``{"loss": ..., <metric name>: ...}`` as Python floats: ``"loss"`` when a criterion is given, one entry per
-        metric (a metric that computes a dict, such as ``ClasswiseWrapper``, adds one entry per key).
+        metric (a metric that computes a dict, such as ``ClasswiseWrapper``, adds one entry per key); with
+        ``confidence``, ``"<name>_low"`` and ``"<name>_high"`` after them.
 
     Raises:
         TypeError: if ``metrics`` are not torchmetrics objects, a batch cannot be unpacked as ``(inputs, target)``,
@@ -145,10 +153,29 @@ def validate(
             on inputs that are not tensors (the message gives the ``metric_inputs`` to write), or a metric computes
             something other than a scalar.
         ValueError: if neither ``criterion`` nor ``metrics`` is given, a metric is named ``"loss"`` next to a
-            criterion, two results share a name, the dataloader yields no batch, or the criterion returns a
-            per-sample loss whose first dimension is not the batch size.
+            criterion, two results share a name, the dataloader yields no batch, the criterion returns a
+            per-sample loss whose first dimension is not the batch size, or ``confidence`` is not a level.
 
     """
+    return _validate(model, dataloader, criterion=criterion, metrics=metrics, step=step, metric_inputs=metric_inputs,
+                     device=device, progress=progress, desc=desc, confidence=confidence)[0]
+
+
+def _validate(
+    model: nn.Module,
+    dataloader: Iterable[Any],
+    *,
+    criterion: Callable[[Any, Any], Tensor | LossTerms] | None,
+    metrics: Mapping[str, Metric] | MetricCollection | None,
+    step: Step | None,
+    metric_inputs: MetricInputs | None,
+    device: torch.device | str | None,
+    progress: bool,
+    desc: str,
+    confidence: float | Intervals | None,
+) -> tuple[dict[str, float], EvaluationIntervals | None]:
+    """``validate()``, and the tracker of its intervals (for a per-sample record); arguments as there."""
+    spec = intervals_from(confidence, "argument `confidence`")
     collection, metric_list = _check_metrics(metrics, with_criterion=criterion is not None)
     if criterion is None and collection is None and not metric_list:
         raise ValueError(
@@ -179,6 +206,7 @@ def validate(
         root.to(target_device)
     saved = save_states(roots)
     named: list[tuple[str | None, Any]] = [(None, collection)] if collection is not None else list(metric_list)
+    tracker = tracker_for(spec, named, criterion, dataloader) if spec is not None else None
     bar = None
     try:
         for root in roots:
@@ -186,11 +214,13 @@ def validate(
         if progress:
             bar = tqdm(total=_num_samples(dataloader), desc=desc, unit=" samples")
         with evaluating(model, inference_mode=step is None):
-            loss = _run(model, dataloader, criterion, named, step, target_device, bar, metric_inputs)
+            loss = _run(model, dataloader, criterion, named, step, target_device, bar, metric_inputs, tracker)
             values = _values(loss, named)
+            if tracker is not None:
+                values.update(finish_intervals(tracker, values, target_device))
         if bar is not None:
             bar.set_postfix(format_postfix(values), refresh=False)
-        return values
+        return values, tracker
     except BaseException:
         restore_states(saved)
         raise
@@ -214,6 +244,7 @@ def _run(
     device: torch.device,
     bar: Any,
     metric_inputs: MetricInputs | None = None,
+    tracker: EvaluationIntervals | None = None,
 ) -> LossAccumulator | None:
     """Run the batch loop: on-device sums only; the host learns batch sizes from shapes, never from values."""
     throttle = Throttle(_REFRESH_INTERVAL)
@@ -231,13 +262,16 @@ def _run(
         else:
             outputs, target = _check_step_result(step(batch, model))
         n = _batch_size(target, outputs)
+        terms = None
         if loss is not None:
             assert criterion is not None
             terms = plan(outputs, target) if plan is not None else None
             if terms is None:
                 terms = value_terms(criterion(outputs, target), n, is_sum=loss.reduction == "sum", what=_CRITERION)
             loss.add(terms)
-        _update_metrics(named, outputs, target, metric_inputs)
+        args = _update_metrics(named, outputs, target, metric_inputs)
+        if tracker is not None:
+            tracker.update(outputs, target, per_metric(named, args), terms, n)
         seen += n
         if bar is not None:
             if throttle.due():
@@ -338,10 +372,10 @@ def _batch_size(target: Any, outputs: Any) -> int:
 
 def _update_metrics(
     named: list[tuple[str | None, Any]], outputs: Any, target: Any, metric_inputs: MetricInputs | None
-) -> None:
-    """Update every metric with what ``metric_inputs`` returned (default: ``(outputs, target)``)."""
+) -> list[tuple[Any, ...]]:
+    """Update every metric with what ``metric_inputs`` returned (default: ``(outputs, target)``); return that."""
     if not named:
-        return
+        return []
     if metric_inputs is None:
         inputs = [(outputs, target)] * len(named)
     else:
@@ -355,6 +389,7 @@ def _update_metrics(
         inputs = split_inputs(result, [name or "" for name, _ in named], hook="`metric_inputs(outputs, target)`")
     for (name, metric), args in zip(named, inputs, strict=True):
         update_metric(metric, args, key=name or type(metric).__name__, outputs=outputs, target=target, fix=_fix)
+    return inputs
 
 
 def _fix(outputs: str, target: str) -> str:
