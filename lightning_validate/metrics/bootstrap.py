@@ -296,7 +296,7 @@ class _BinaryStats(_Family):
         return torch.stack([(p & pos).sum(1), (p & neg).sum(1), (~p & neg).sum(1), (~p & pos).sum(1)], 1)
 
     def values(self, replicated: Tensor) -> Tensor:
-        states = replicated.round().long()
+        states = replicated.round()  # exact integer counts, in float64: the metric then computes in float64
         return _samplewise(self._shadow(), states[:, 0], states[:, 1], states[:, 2], states[:, 3])
 
 
@@ -343,7 +343,7 @@ class _MulticlassStats(_Family):
 
     def values(self, replicated: Tensor) -> Tensor:
         c = self.classes
-        states = replicated.round().long()
+        states = replicated.round()  # exact integer counts, in float64: the metric then computes in float64
         tp, fn, fp = states[:, :c], states[:, c : 2 * c], states[:, 2 * c : 3 * c]
         tn = states[:, 3 * c :] - tp - fn - fp
         return _samplewise(self._shadow(), tp, fp, tn, fn)
@@ -368,7 +368,7 @@ class _MultilabelStats(_Family):
 
     def values(self, replicated: Tensor) -> Tensor:
         k = self.labels
-        s = replicated.round().long()
+        s = replicated.round()
         return _samplewise(self._shadow(), s[:, :k], s[:, k : 2 * k], s[:, 2 * k : 3 * k], s[:, 3 * k :])
 
 
@@ -407,7 +407,7 @@ class _ConfusionMatrix(_Family):
 
     def values(self, replicated: Tensor) -> Tensor:
         shadow = self._shadow()
-        counts = replicated.round().long()
+        counts = replicated.round()
         return _one_by_one(shadow, counts, lambda s, row: setattr(s, "confmat", row.reshape(self.classes,
                                                                                             self.classes)))
 
