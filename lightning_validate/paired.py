@@ -1,4 +1,4 @@
-"""``python -m lightning_validate.paired``: compare two checkpoints (or two saved records) on the same samples.
+r"""``python -m lightning_validate.paired``: compare two checkpoints (or two saved records) on the same samples.
 
 Two saved sample records (``SampleRecord.save``, from ``record_samples`` or ``ValidationMixin.sample_record``)::
 
@@ -67,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> PairedReport:
     parser.add_argument("a", help="the baseline: a checkpoint (.ckpt) or a saved sample record")
     parser.add_argument("b", help="the candidate, compared as B - A")
     parser.add_argument("--model", help="the LightningModule class of the checkpoints, `package.module:Class`")
-    parser.add_argument("--data", help="the LightningDataModule class, `package.module:Class` (built without arguments)")
+    parser.add_argument("--data", help="the LightningDataModule class, `package.module:Class` (built with no argument)")
     parser.add_argument("--stage", choices=["val", "test"], default="val", help="which loader (default: val)")
     parser.add_argument("--confidence", type=float, default=0.95, help="interval level (default: 0.95)")
     parser.add_argument("--replicates", type=int, default=1000, help="bootstrap replicates (default: 1000)")

@@ -28,7 +28,8 @@ Example:
     >>> replicated = Replicated(metric, family_of(metric), PoissonWeights(replicates=200, seed=0))
     >>> preds, target = torch.randn(100, 3), torch.randint(0, 3, (100,))
     >>> for start in range(0, 100, 32):  # any batch size gives the same replicates
-    ...     replicated.update((preds[start:start + 32], target[start:start + 32]), torch.arange(start, min(start + 32, 100)))
+    ...     rows = torch.arange(start, min(start + 32, 100))
+    ...     replicated.update((preds[rows], target[rows]), rows)
     >>> values = replicated.values(replicated.pack(torch.device("cpu")))
     >>> values.shape, bool(values.std() > 0)
     (torch.Size([200]), True)
@@ -117,8 +118,10 @@ def _sample_key(seed: int) -> int:
 
 
 def _pair_cell(replicate_key: int, sample_key: int) -> int:
-    """The table cell of a (replicate, sample) pair: ``lowbias32`` without its first and last xor-shifts, which
-    only stir bits of already mixed keys and the low bits the table does not read."""
+    """The table cell of a (replicate, sample) pair: ``lowbias32`` without its first and last xor-shifts.
+
+    Those only stir bits of already mixed keys and the low bits the table does not read.
+    """
     x = ((replicate_key ^ sample_key) * _M1) & _MASK
     x ^= x >> 15
     return ((x * _M2) & _MASK) >> 16
@@ -234,7 +237,8 @@ class _Family:
     counts: bool = True  # contributions are integer counts (exact in float32 per batch)
 
     def __init__(self, metric: Metric) -> None:
-        self.metric = metric
+        # Any: the attributes read (threshold, num_classes, ignore_index) are the metric's own, untyped by nn.Module.
+        self.metric: Any = metric
 
     def rows(self, args: Sequence[Any]) -> Tensor:
         """What each sample of a batch adds to the states: ``(N, width)``."""
@@ -245,9 +249,11 @@ class _Family:
         raise NotImplementedError
 
     def _shadow(self) -> Metric:
-        """A copy of the metric to compute replicate values on (made once): the metric's own states are never
-        touched, and each use sets every state the computation reads."""
-        shadow = self.__dict__.get("_shadow_metric")
+        """A copy of the metric to compute replicate values on, made once.
+
+        The metric's own states are never touched; each use sets every state the computation reads.
+        """
+        shadow: Metric | None = self.__dict__.get("_shadow_metric")
         if shadow is None:
             shadow = copy.deepcopy(self.metric)
             shadow.reset()
@@ -264,7 +270,7 @@ def _tensors(args: Sequence[Any], metric: Metric) -> tuple[Tensor, Tensor]:
 
 
 def _probabilities(preds: Tensor) -> Tensor:
-    """torchmetrics' rule for binary scores: a sigmoid when any value is outside [0, 1]; decided on the device."""
+    """Torchmetrics' rule for binary scores: a sigmoid when any value is outside [0, 1]; decided on the device."""
     inside = ((preds >= 0) & (preds <= 1)).all()
     return torch.where(inside, preds, preds.sigmoid())
 
@@ -301,8 +307,10 @@ class _BinaryStats(_Family):
 
 
 def _multiclass_labels(preds: Tensor, target: Tensor, top_k: int) -> Tensor:
-    """Each element's predicted label as torchmetrics counts it; with ``top_k > 1`` the target when it is among the
-    top k scores, else the top score (torchmetrics' ``_refine_preds_oh``)."""
+    """Each element's predicted label as torchmetrics counts it.
+
+    With ``top_k > 1``: the target when it is among the top k scores, else the top score (``_refine_preds_oh``).
+    """
     if not (preds.is_floating_point() and preds.ndim == target.ndim + 1):
         return preds.long()
     if top_k == 1:
@@ -313,15 +321,17 @@ def _multiclass_labels(preds: Tensor, target: Tensor, top_k: int) -> Tensor:
 
 
 class _MulticlassStats(_Family):
-    """``Multiclass*`` stat-score metrics: per sample and class ``tp``, ``fn``, ``fp``, and the sample's count of
-    elements not ignored (``tn`` is the rest); values by the metric in ``samplewise`` mode."""
+    """``Multiclass*`` stat-score metrics: per sample and class ``tp``, ``fn``, ``fp``, and elements not ignored.
+
+    ``tn`` is the rest; the values come from the metric in ``samplewise`` mode.
+    """
 
     def __init__(self, metric: Metric) -> None:
         super().__init__(metric)
-        self.classes = int(metric.num_classes)
+        self.classes = int(self.metric.num_classes)
         self.width = 3 * self.classes + 1
-        if metric.top_k > 1 and not _REFINED_TOP_K:
-            raise Unsupported(f"{type(metric).__name__}(top_k={metric.top_k}) counts top-k differently in this "
+        if self.metric.top_k > 1 and not _REFINED_TOP_K:
+            raise Unsupported(f"{type(metric).__name__}(top_k={self.metric.top_k}) counts top-k differently in this "
                               "torchmetrics release")
 
     def rows(self, args: Sequence[Any]) -> Tensor:
@@ -354,7 +364,7 @@ class _MultilabelStats(_Family):
 
     def __init__(self, metric: Metric) -> None:
         super().__init__(metric)
-        self.labels = int(metric.num_labels)
+        self.labels = int(self.metric.num_labels)
         self.width = 4 * self.labels
 
     def rows(self, args: Sequence[Any]) -> Tensor:
@@ -378,17 +388,20 @@ def _samplewise(shadow: Metric, tp: Tensor, fp: Tensor, tn: Tensor, fn: Tensor) 
     for name, state in (("tp", tp), ("fp", fp), ("tn", tn), ("fn", fn)):
         object.__setattr__(shadow, name, state)
     value = type(shadow).compute(shadow)
-    return value.to(torch.float64).reshape(-1)
+    result: Tensor = value.to(torch.float64).reshape(-1)
+    return result
 
 
 class _ConfusionMatrix(_Family):
-    """Metrics computed from a confusion matrix (Jaccard index, Cohen's kappa, Matthews correlation): per sample
-    its ``(target, prediction)`` counts; values by the metric, one replicate at a time."""
+    """Metrics computed from a confusion matrix (Jaccard index, Cohen's kappa, Matthews correlation).
+
+    Per sample its ``(target, prediction)`` counts; values by the metric, one replicate at a time.
+    """
 
     def __init__(self, metric: Metric) -> None:
         super().__init__(metric)
         self.binary = isinstance(metric, BinaryConfusionMatrix)
-        self.classes = 2 if self.binary else int(metric.num_classes)
+        self.classes = 2 if self.binary else int(self.metric.num_classes)
         self.width = self.classes * self.classes
 
     def rows(self, args: Sequence[Any]) -> Tensor:
@@ -423,7 +436,7 @@ class _Regression(_Family):
 
     def rows(self, args: Sequence[Any]) -> Tensor:
         preds, target = _tensors(args, self.metric)
-        if preds.ndim > 1 and preds.shape[1] != 1 or target.ndim > 1 and target.shape[1] != 1:
+        if (preds.ndim > 1 and preds.shape[1] != 1) or (target.ndim > 1 and target.shape[1] != 1):
             raise Unsupported(f"{type(self.metric).__name__} on several outputs (shape {tuple(preds.shape)})")
         p, y = preds.reshape(-1).to(torch.float64), target.reshape(-1).to(torch.float64)
         error = y - p
@@ -435,6 +448,7 @@ class _Regression(_Family):
 
     def values(self, replicated: Tensor) -> Tensor:
         shadow = self._shadow()
+        names: tuple[str, ...]
         if self.width == 4:
             names = ("sum_squared_error", "sum_error", "residual", "total")
         else:

@@ -37,8 +37,10 @@ def normal_cdf(x: float) -> float:
 
 
 def _continued_fraction(a: float, b: float, x: float) -> float:
-    """The continued fraction of ``I_x(a, b)`` (Numerical Recipes' ``betacf``, modified Lentz), for ``x`` on its
-    fast side (``x < (a + 1) / (a + b + 2)``)."""
+    """The continued fraction of ``I_x(a, b)`` (Numerical Recipes' ``betacf``, modified Lentz).
+
+    For ``x`` on its fast side, ``x < (a + 1) / (a + b + 2)``.
+    """
     qab, qap, qam = a + b, a + 1.0, a - 1.0
     c, d = 1.0, 1.0 - qab * x / qap
     d = 1.0 / (d if abs(d) > _TINY else _TINY)
@@ -91,8 +93,10 @@ def beta_regularized(a: float, b: float, x: float) -> float:
 
 
 def _beta(a: float, b: float, x: float, y: float) -> float:
-    """``I_x(a, b)`` given both ``x`` and ``y = 1 - x``: the smaller one exact, so that ``a log x`` keeps its digits
-    when ``a`` is large and ``x`` is close to 1 (Student's t with many degrees of freedom)."""
+    """``I_x(a, b)`` given both ``x`` and ``y = 1 - x``, the smaller one exact.
+
+    So ``a log x`` keeps its digits when ``a`` is large and ``x`` close to 1 (t with many degrees of freedom).
+    """
     if x <= 0.0 or y >= 1.0:
         return 0.0
     if y <= 0.0 or x >= 1.0:

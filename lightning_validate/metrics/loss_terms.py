@@ -336,12 +336,13 @@ def value_terms(value: Any, batch_size: int, *, is_sum: bool = False, what: str 
     return BatchLoss(value.sum(), value.numel(), True, value.mean(), value)
 
 
-def sample_terms(criterion: nn.Module, outputs: Tensor, target: Tensor) -> LossTerms:
+def sample_terms(criterion: nn.Module, outputs: Tensor, target: Tensor, dtype: torch.dtype | None = None) -> LossTerms:
     """Split a known criterion's numerator and denominator per sample: two float64 tensors of shape ``(N,)``.
 
     ``sum(terms.sum) / sum(terms.weight)`` over any set of samples is the criterion's ``reduction="mean"`` value on
     them (``reduction="sum"``: ``sum(terms.sum)``), so single samples (a ``DistributedSampler``'s padding) can be
-    masked out. Costs a ``reduction="none"`` call; the criterion is copied, never modified.
+    masked out. Costs a ``reduction="none"`` call; the criterion is copied, never modified. With ``dtype`` (float32
+    for bfloat16 outputs) the copy's floating tensors and the outputs are cast to it first.
 
     Raises:
         TypeError: if ``batch_loss`` does not know the criterion.
@@ -350,7 +351,9 @@ def sample_terms(criterion: nn.Module, outputs: Tensor, target: Tensor) -> LossT
     if forward is None:
         raise TypeError(f"Expected a torch loss module called as `criterion(outputs, target)` but got {criterion!r}.")
     n = outputs.shape[0]
-    unreduced = _variant(criterion, "none")(outputs, target)
+    if dtype is not None:
+        outputs = outputs.to(dtype)
+    unreduced = _variant(criterion, "none", dtype)(outputs, target)
     per_sample = unreduced.reshape(n, -1).sum(1, dtype=torch.float64)
     weight: Tensor
     if forward in _CLASS_INDEX or forward in _LINEAR_CE:

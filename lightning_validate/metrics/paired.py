@@ -320,10 +320,8 @@ def compare_records(a: SampleRecord, b: SampleRecord, confidence: float | None =
             continue
         delta = vb - va if transform == "" else delta
         t = t_quantile(0.5 + level / 2, n - 1)
-        if se > 0:
-            p = min(1.0, 2.0 * t_cdf(-abs(delta) / se, n - 1))
-        else:
-            p = 1.0 if delta == 0 else 0.0
+        # No spread at all (identical per-sample values): any difference is certain, none is none.
+        p = min(1.0, 2.0 * t_cdf(-abs(delta) / se, n - 1)) if se > 0 else (0.0 if delta != 0 else 1.0)
         method = "paired t on per-sample values" if bool((rows_a[:, 1] == rows_a[0, 1]).all()) and bool(
             (rows_b[:, 1] == rows_a[0, 1]).all()) else "paired delta method, per sample"
         rows.append((name, va, vb, delta, delta - t * se, delta + t * se, p, method))

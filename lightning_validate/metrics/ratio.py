@@ -108,7 +108,7 @@ class RatioAccumulator:
         values = packed.tolist() if isinstance(packed, Tensor) else list(packed)
         rows = [values[i : i + _ROW] for i in range(0, len(values), _ROW)]
         rows = [r for r in rows if r[1] != 0 or r[0] != 0]
-        units = int(round(sum(r[0] for r in rows)))
+        units = round(sum(r[0] for r in rows))
         weight = sum(r[1] for r in rows)
         if not rows or weight == 0:
             return RatioEstimate(units, math.nan, math.nan)

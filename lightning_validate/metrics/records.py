@@ -97,9 +97,9 @@ class SampleRecord:
             ValueError: if ``state`` is not a sample record's state.
         """
         if not isinstance(state, Mapping) or state.get("format") != _FORMAT:
+            keys = f" with keys {sorted(state)[:6]!r}" if isinstance(state, Mapping) else ""
             raise ValueError(
-                "Expected a sample record (saved with `SampleRecord.save`) but got "
-                f"{type(state).__name__}{' with keys ' + repr(sorted(state)[:6]) if isinstance(state, Mapping) else ''}."
+                f"Expected a sample record (saved with `SampleRecord.save`) but got {type(state).__name__}{keys}."
             )
         return cls(
             ids=state["ids"], fingerprint=state["fingerprint"], rows=dict(state["rows"]), kinds=dict(state["kinds"]),

@@ -214,7 +214,7 @@ def _mean_rows(args: Sequence[Any], n: int) -> tuple[Tensor, Tensor] | None:
     return (value * w).reshape(n, -1).sum(1), w.reshape(n, -1).sum(1)
 
 
-def _perplexity_rows(metric: Metric) -> Callable[[Sequence[Any], int], tuple[Tensor, Tensor] | None]:
+def _perplexity_rows(metric: Any) -> Callable[[Sequence[Any], int], tuple[Tensor, Tensor] | None]:
     def rows(args: Sequence[Any], n: int) -> tuple[Tensor, Tensor] | None:
         preds, target = args[0], args[1]
         if not isinstance(preds, Tensor) or not isinstance(target, Tensor) or preds.ndim != 3:
@@ -298,8 +298,10 @@ def _is_f_score(metric: Metric) -> bool:
 
 
 class _Proportion(_Estimator):
-    """Wilson from the metric's own counts when each sample is one trial; the delta method over samples when a
-    sample holds several (pixels, tokens): then per-sample successes and trials are summed as ratio rows."""
+    """Wilson from the metric's own counts when each sample is one trial; else the delta method over samples.
+
+    When a sample holds several trials (pixels, tokens), its successes and trials are summed as ratio rows.
+    """
 
     kind = "proportion"
 
@@ -328,8 +330,9 @@ class _Proportion(_Estimator):
         if self.rows_family is None:
             return None
         stats = self.rows_family.rows(args).to(torch.float64)
-        m = self.metric
+        m: Any = self.metric
         if isinstance(m, MulticlassStatScores):
+            assert m.num_classes is not None
             c = int(m.num_classes)
             tp = stats[:, :c].sum(1)
             other = stats[:, 2 * c : 3 * c].sum(1) if isinstance(m, MulticlassPrecision) else stats[:, c : 2 * c].sum(1)
@@ -380,7 +383,7 @@ class _Proportion(_Estimator):
         return NO_INTERVAL
 
 
-def _exact_match_rows(metric: Metric, args: Sequence[Any], n: int) -> Tensor | None:
+def _exact_match_rows(metric: Any, args: Sequence[Any], n: int) -> Tensor | None:
     preds, target = args[0], args[1]
     if not isinstance(preds, Tensor) or not isinstance(target, Tensor):
         return None
@@ -474,8 +477,8 @@ class EvaluationIntervals:
         self._loss: _Ratio | None = None
         if loss == "sum":
             self.warnings.append(
-                f"No interval for `{label('loss')}`: with `reduction='sum'` its value is a sum over the set, which grows "
-                "with the set's size and estimates no population value. Use `reduction='mean'` for an interval."
+                f"No interval for `{label('loss')}`: with `reduction='sum'` its value is a sum over the set, which "
+                "grows with the set's size and estimates no population value. Use `reduction='mean'` for an interval."
             )
         elif loss:
             self._loss = self._loss_estimator(criterion)
@@ -497,9 +500,9 @@ class EvaluationIntervals:
 
             def from_criterion(args: Sequence[Any], n: int) -> tuple[Tensor, Tensor]:
                 outputs, target = args
-                if isinstance(outputs, Tensor) and outputs.dtype in _LOW_PRECISION:
+                if isinstance(outputs, Tensor) and outputs.dtype in _LOW_PRECISION:  # bf16-true: in float32
                     with torch.autocast(outputs.device.type, enabled=False):
-                        terms = sample_terms(criterion, outputs.float(), target)
+                        terms = sample_terms(criterion, outputs, target, torch.float32)
                 else:
                     terms = sample_terms(criterion, outputs, target)
                 assert isinstance(terms.weight, Tensor)
@@ -547,8 +550,11 @@ class EvaluationIntervals:
 
     def update(self, outputs: Any, target: Any, inputs: Sequence[Sequence[Any]], batch: BatchLoss | None,
                n: int) -> None:
-        """Add a batch of ``n`` samples: the model's ``outputs`` and ``target`` (for the loss), each metric's
-        ``update`` arguments (``inputs``, in the order of the metrics given) and the batch's loss terms."""
+        """Add a batch of ``n`` samples; no host-device sync.
+
+        ``outputs`` and ``target`` are the model's (for the loss), ``inputs`` each metric's ``update`` arguments (in
+        the order of the metrics given), ``batch`` the batch's loss terms.
+        """
         start = self._seen
         self._seen += n
         drawn: list[Tensor] = []
@@ -615,9 +621,9 @@ class EvaluationIntervals:
                 if reason:
                     self.warnings.append(reason)
         loss, ppl = out.get("loss"), values.get("ppl")
-        if loss is not None and ppl is not None and "ppl" not in out and "loss" in values and ppl > 0:
-            if abs(math.log(ppl) - values["loss"]) <= 1e-6 * max(1.0, abs(values["loss"])):
-                out["ppl"] = Interval(math.exp(loss.low), math.exp(loss.high))
+        if (loss is not None and ppl is not None and "ppl" not in out and "loss" in values and ppl > 0
+                and abs(math.log(ppl) - values["loss"]) <= 1e-6 * max(1.0, abs(values["loss"]))):
+            out["ppl"] = Interval(math.exp(loss.low), math.exp(loss.high))
         self._record_values = dict(values)
         return out
 

@@ -184,7 +184,8 @@ class Epoch:
         """
         sums = torch.stack([loader.sums(device) for loader in self.loaders])
         extremes = torch.stack([loader.extremes(device) for loader in self.loaders])
-        packs = [loader.intervals.pack(device).to(sums.dtype) for loader in self.loaders if loader.intervals is not None]
+        packs = [loader.intervals.pack(device).to(sums.dtype) for loader in self.loaders
+                 if loader.intervals is not None]
         flat = torch.cat([sums.flatten(), *packs]) if packs else sums
         if trainer is not None and trainer.world_size > 1:
             # Sums of sums and counts: exact. Over the data-parallel replicas only: the ranks of one

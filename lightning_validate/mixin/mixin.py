@@ -43,10 +43,10 @@ from lightning_validate.metrics.fast_accuracy import default_metrics
 from lightning_validate.metrics.inputs import split_inputs
 from lightning_validate.metrics.intervals import Intervals
 from lightning_validate.metrics.loss_terms import BatchLoss, LossTerms, batch_loss, loss_plan, value_terms
+from lightning_validate.metrics.records import SampleRecord
 from lightning_validate.mixin import build, messages
 from lightning_validate.mixin.build import Stage
 from lightning_validate.mixin.run import CHECKPOINT_KEY, RunState
-from lightning_validate.metrics.records import SampleRecord
 from lightning_validate.progress import DEFAULT_INTERVAL
 
 __all__ = ["ValidationMixin"]

@@ -78,7 +78,7 @@ def test_intervals_from_a_level_or_a_spec() -> None:
     with pytest.raises(ValueError, match=r"Expected attribute `confidence` to be None \(no intervals\), a confidence "
                                          r"level in \(0, 1\) such as 0.95, .* but got True\."):
         intervals_from(True, "attribute `confidence`")
-    with pytest.raises(ValueError, match="but got 1.5"):
+    with pytest.raises(ValueError, match=r"but got 1\.5"):
         intervals_from(1.5, "x")
 
 
@@ -86,7 +86,8 @@ def test_formatting_joins_a_value_with_its_bounds() -> None:
     assert format_interval(0.975, 0.958, 0.985) == "0.975 [0.958, 0.985]"
     assert format_interval(0.975, math.nan, math.nan) == "0.975"
     assert interval_names("val/acc") == ("val/acc_low", "val/acc_high")
-    assert interval_names("val/acc/dataloader_idx_1") == ("val/acc_low/dataloader_idx_1", "val/acc_high/dataloader_idx_1")
+    assert interval_names("val/acc/dataloader_idx_1") == ("val/acc_low/dataloader_idx_1",
+                                                          "val/acc_high/dataloader_idx_1")
     values = {"val/loss": 0.5, "val/loss_low": 0.4, "val/loss_high": 0.6, "val/acc/clean": 0.9,
               "val/acc_low/clean": 0.8, "val/acc_high/clean": 0.95, "epoch": 2.0}
     assert format_intervals(values, digits=2) == {

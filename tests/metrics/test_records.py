@@ -13,7 +13,8 @@ from lightning_validate.metrics.records import SampleRecord, fingerprints
 def make(ids: list[int]) -> SampleRecord:
     n = len(ids)
     rows = torch.stack([torch.tensor(ids, dtype=torch.float64) % 2, torch.ones(n, dtype=torch.float64)], 1)
-    return SampleRecord(ids=torch.tensor(ids), fingerprint=torch.tensor(ids, dtype=torch.float64) * 3, rows={"acc": rows},
+    return SampleRecord(ids=torch.tensor(ids), fingerprint=torch.tensor(ids, dtype=torch.float64) * 3,
+                        rows={"acc": rows},
                         kinds={"acc": "proportion", "f1": "bootstrap"}, replicates={"f1": torch.linspace(0, 1, 5)},
                         values={"acc": 0.5, "f1": 0.4}, seed=3, confidence=0.9)
 

@@ -56,11 +56,11 @@ def no_host_sync(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 
 def run(metrics: Sequence[tuple[str, Metric]], batches: Sequence[tuple[Tensor, Tensor]], *,
-        criterion: Any = None, loss: Callable[[Tensor, Tensor], Any] | None = None, spec: Intervals = Intervals(),
-        world: int = 1) -> tuple[dict[str, Any], EvaluationIntervals]:
+        criterion: Any = None, loss: Callable[[Tensor, Tensor], Any] | None = None, spec: Intervals | None = None,
+        ) -> tuple[dict[str, Any], EvaluationIntervals]:
     """One evaluation: metrics updated, the tracker beside them, packed, finished; the values and the tracker."""
-    tracker = EvaluationIntervals(spec, metrics, criterion=criterion, loss=criterion is not None or loss is not None,
-                                  label=lambda name: f"val/{name}")
+    tracker = EvaluationIntervals(spec or Intervals(), metrics, criterion=criterion,
+                                  loss=criterion is not None or loss is not None, label=lambda name: f"val/{name}")
     total = weight = 0.0
     for outputs, target in batches:
         for _, metric in metrics:
@@ -86,7 +86,8 @@ def split(*tensors: Tensor, size: int = 37) -> list[tuple[Tensor, ...]]:
     return list(zip(*(t.split(size) for t in tensors), strict=True))
 
 
-def delta_reference(sums: np.ndarray, weights: np.ndarray, centre: float, confidence: float = 0.95) -> tuple[float, float]:
+def delta_reference(sums: np.ndarray, weights: np.ndarray, centre: float,
+                    confidence: float = 0.95) -> tuple[float, float]:
     keep = weights != 0
     s, w = sums[keep], weights[keep]
     n = keep.sum()
