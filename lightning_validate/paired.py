@@ -19,8 +19,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import logging
 import math
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -49,6 +51,21 @@ def _record_of_checkpoint(path: str, model_cls: Any, data: Any, stage: str, spec
                           accelerator: str) -> SampleRecord:
     import lightning.pytorch as pl
 
+    # Lightning's notices (tips, accelerators found) are not about the comparison; its warnings still show.
+    notices = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    level = notices.level
+    notices.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            # Lightning 2.6 uses torch's LeafSpec, deprecated in torch 2.13: not about the user's model.
+            warnings.filterwarnings("ignore", ".*treespec, LeafSpec.*", FutureWarning)
+            return _validated(path, model_cls, data, stage, spec, accelerator, pl)
+    finally:
+        notices.setLevel(level)
+
+
+def _validated(path: str, model_cls: Any, data: Any, stage: str, spec: Intervals, accelerator: str,
+               pl: Any) -> SampleRecord:
     model = model_cls.load_from_checkpoint(path, map_location="cpu")
     if not hasattr(model, "sample_record"):
         raise SystemExit(f"Expected a ValidationMixin LightningModule but {model_cls.__name__} has no `sample_record`.")

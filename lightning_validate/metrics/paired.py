@@ -6,8 +6,9 @@ intervals ignores that and is several times less sensitive than comparing them s
 
 - accuracy-like proportions (one trial per sample, the same trials for both): the exact McNemar test on the
   samples where the two disagree (``b`` right only by A, ``c`` right only by B), with the Agresti-Min interval
-  of the difference (a half added to each cell of the 2x2 table, which keeps its coverage near nominal for few
-  disagreements);
+  of the difference (a half added to each cell of the 2x2 table: its coverage stays near nominal down to a few
+  disagreements). The exact test is conservative when there are few disagreements, so the two can disagree at
+  the margin (an interval that just excludes 0 with a p-value just above 0.05); the report says so when they do;
 - losses, MAE, MSE and other ratios of per-sample sums (also proportions whose trials differ, such as precision):
   the paired delta method, which for a per-sample mean is the paired t-test on the per-sample differences, with
   Student's t on ``n - 1`` degrees of freedom;
@@ -63,6 +64,15 @@ def mcnemar_p(b: int, c: int) -> float:
     if b + c == 0:
         return 1.0
     return min(1.0, 2.0 * binomial_cdf(min(b, c), b + c, 0.5))
+
+
+def _agresti_min(b: int, c: int, n: int, confidence: float) -> tuple[float, float]:
+    """The Agresti-Min (2005) interval of ``(c - b) / n``: Wald's, after adding a half to each cell of the table."""
+    z = normal_quantile(0.5 + confidence / 2)
+    bs, cs, ns = b + 0.5, c + 0.5, n + 2.0
+    centre = (cs - bs) / ns
+    se = math.sqrt(max((bs + cs) / ns - centre * centre, 0.0) / ns)
+    return max(-1.0, centre - z * se), min(1.0, centre + z * se)
 
 
 def holm(pvalues: Sequence[float]) -> list[float]:
@@ -269,7 +279,6 @@ def compare_records(a: SampleRecord, b: SampleRecord, confidence: float | None =
         )
     rows: list[tuple[str, float, float, float, float, float, float, str]] = []
     notes: list[str] = []
-    z = normal_quantile(0.5 + level / 2)
     for name in a.values:
         if name not in b.values or a.kinds.get(name) != b.kinds.get(name) or name not in a.kinds:
             continue
@@ -303,14 +312,15 @@ def compare_records(a: SampleRecord, b: SampleRecord, confidence: float | None =
             n = int(trials.sum())
             only_a, only_b = int(((ka == 1) & (kb == 0)).sum()), int(((ka == 0) & (kb == 1)).sum())
             p = mcnemar_p(only_a, only_b)
-            sign = -1.0 if transform == "complement" else 1.0
-            # Agresti-Min: a half added to each cell of the 2x2 table.
-            bs, cs, ns = only_a + 0.5, only_b + 0.5, n + 2.0
-            centre = (cs - bs) / ns
-            se = math.sqrt(max((bs + cs) / ns - centre * centre, 0.0) / ns)
-            low, high = max(-1.0, centre - z * se), min(1.0, centre + z * se)
-            if sign < 0:
+            low, high = _agresti_min(only_a, only_b, n, level)
+            if transform == "complement":  # Hamming distance: one minus an accuracy
                 low, high = -high, -low
+            if (low > 0 or high < 0) != (p <= 1 - level):
+                notes.append(
+                    f"{name}: the interval {'excludes' if low > 0 or high < 0 else 'includes'} 0 but the exact "
+                    f"McNemar p-value is {'above' if p > 1 - level else 'below'} {1 - level:.2g}: with "
+                    f"{only_a + only_b} disagreements the exact test is conservative; a borderline difference."
+                )
             rows.append((name, va, vb, vb - va, low, high, p,
                          f"McNemar exact (A only {only_a}, B only {only_b})"))
             continue

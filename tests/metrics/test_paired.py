@@ -86,6 +86,19 @@ def test_accuracy_gets_mcnemar_and_an_agresti_min_interval() -> None:
     assert (row.low, row.high) == pytest.approx((centre - 1.959963984540054 * se, centre + 1.959963984540054 * se))
 
 
+def test_a_borderline_difference_where_interval_and_exact_test_disagree_is_said() -> None:
+    a, b = np.ones(360), np.ones(360)
+    a[:9], b[9:11] = 0.0, 0.0  # B alone right on 9 samples, A alone on 2: the exact test is conservative here
+    ones = np.ones(360)
+    report = compare_records(record({"acc": np.c_[a, ones]}, {"acc": "proportion"}),
+                             record({"acc": np.c_[b, ones]}, {"acc": "proportion"}))
+    row = report["acc"]
+    assert row.low > 0 and row.p > 0.05
+    assert report.notes == ["acc: the interval excludes 0 but the exact McNemar p-value is above 0.05: with 11 "
+                            "disagreements the exact test is conservative; a borderline difference."]
+    assert str(report).endswith(report.notes[0])
+
+
 def test_bootstrap_values_compare_replicate_by_replicate() -> None:
     rng = np.random.default_rng(2)
     ra = rng.normal(0.70, 0.01, 1000)
