@@ -4,9 +4,10 @@ A torchmetrics metric such as macro F1 keeps sums over samples (true positives p
 value from them. A bootstrap replicate is the same metric on a resample of the validation set. Drawing each
 sample ``w ~ Poisson(1)`` times instead of exactly resampling ``n`` of ``n`` (the Poisson bootstrap, which is the
 ordinary bootstrap as ``n`` grows) makes every replicate a weighted sum: ``state[b] = sum_i w(b, i) c_i``, with
-``c_i`` what sample ``i`` adds to the states. For ``B`` replicates that is one ``(B, N) @ (N, K)`` matrix product
-per batch, into a fixed ``(B, K)`` tensor on the device: no Python loop over replicates, no copy of the metric per
-replicate, no index tensor built on the host, nothing read back, and one reduction at the end.
+``c_i`` what sample ``i`` adds to the states. For ``B`` replicates that is one ``(K, N) @ (N, B)`` matrix product
+per batch (one ``index_add`` when each sample adds to one state), into a fixed ``(K, B)`` tensor on the device: no
+Python loop over replicates, no copy of the metric per replicate, no index tensor built on the host, nothing read
+back, and one reduction at the end.
 
 The weights are not drawn from a generator: ``w(b, i)`` is a hash of the seed, the replicate ``b`` and the sample's
 index ``i`` (its position in the evaluation order, the same on any number of processes), mapped to Poisson(1)
@@ -72,8 +73,13 @@ _SAMPLE_KEY = 0x85EBCA6B
 _CELLS = 1 << 16
 #: Sample positions whose keys are hashed at once (``PoissonWeights.at``).
 _BLOCK = 4096
-#: Per batch, count contributions are summed in float32 when the products stay exact integers (< 2**24).
+#: Counts are summed in float32 while they stay exact integers (< 2**24), then folded into float64.
 _FLOAT32_EXACT = 1 << 24
+#: The largest weight the table gives (its last cell's Poisson(1) quantile).
+_MAX_WEIGHT = 8
+#: Up to this many classes a multiclass metric's replicated state is its confusion matrix (one ``index_add`` per
+#: batch); above, per class counts (a matrix product).
+_MAX_PAIRED = 64
 
 
 def _mix(x: int) -> int:
@@ -166,7 +172,9 @@ def _table_tensor() -> Tensor:
 
 
 class PoissonWeights:
-    """``w(b, i) ~ Poisson(1)`` for ``B`` replicates and a batch of sample indices, as a ``(B, N)`` float32 tensor.
+    """``w(b, i) ~ Poisson(1)`` for a batch of ``N`` sample indices and ``B`` replicates: an ``(N, B)`` float32 tensor.
+
+    One row per sample: a batch's weights are added row by row into ``(K, B)`` states (``Replicated``).
 
     Args:
         replicates: the number of replicates ``B``.
@@ -212,14 +220,24 @@ class PoissonWeights:
 
     _block: tuple[tuple[int, int, torch.device], int, int, Tensor] | None = None
 
+    _buffers: tuple[Tensor, Tensor] | None = None
+
     def _weights(self, sample_keys: Tensor) -> Tensor:
         keys, table = self._device_tensors(sample_keys.device)
-        x = keys ^ sample_keys.reshape(1, -1)
+        n, b = sample_keys.numel(), self.replicates
+        found = self._buffers
+        if found is None or found[0].shape[0] < n or found[0].device != sample_keys.device:
+            with torch.inference_mode(False):  # two int32 scratch buffers, reused by every batch
+                found = self._buffers = (torch.empty(max(n, 64), b, dtype=torch.int32, device=sample_keys.device),
+                                         torch.empty(max(n, 64), b, dtype=torch.int32, device=sample_keys.device))
+        x, tmp = found[0][:n], found[1][:n]
+        torch.bitwise_xor(sample_keys.reshape(-1, 1), keys.reshape(1, -1), out=x)
         x.mul_(_as_int32(_M1))
-        x.bitwise_xor_((x >> 15) & 0x1FFFF)
+        torch.bitwise_right_shift(x, 15, out=tmp).bitwise_and_(0x1FFFF)  # a logical shift, on int32
+        x.bitwise_xor_(tmp)
         x.mul_(_as_int32(_M2))
-        cells = (x >> 16) & 0xFFFF
-        return table.index_select(0, cells.reshape(-1)).reshape(x.shape)
+        cells = torch.bitwise_right_shift(x, 16, out=tmp).bitwise_and_(0xFFFF)
+        return table.index_select(0, cells.reshape(-1)).reshape(n, b)
 
 
 class Unsupported(Exception):
@@ -239,6 +257,13 @@ class _Family:
     def __init__(self, metric: Metric) -> None:
         # Any: the attributes read (threshold, num_classes, ignore_index) are the metric's own, untyped by nn.Module.
         self.metric: Any = metric
+
+    def cells(self, args: Sequence[Any]) -> Tensor | None:
+        """Each sample's one state when it adds 1 to one state and nothing else (one label per sample).
+
+        ``width`` for a sample that adds nothing (its target ignored); ``None`` when samples add more (``rows``).
+        """
+        return None
 
     def rows(self, args: Sequence[Any]) -> Tensor:
         """What each sample of a batch adds to the states: ``(N, width)``."""
@@ -287,25 +312,6 @@ def _valid(target: Tensor, ignore_index: int | None) -> Tensor:
     return target != ignore_index
 
 
-class _BinaryStats(_Family):
-    """``Binary*`` stat-score metrics: per sample ``(tp, fp, tn, fn)``, values by the metric in ``samplewise`` mode."""
-
-    width = 4
-
-    def rows(self, args: Sequence[Any]) -> Tensor:
-        preds, target = _tensors(args, self.metric)
-        n = target.shape[0]
-        p = _binary_labels(preds, self.metric.threshold).reshape(n, -1) == 1
-        t = target.reshape(n, -1)
-        valid = _valid(t, self.metric.ignore_index)
-        pos, neg = (t == 1) & valid, (t == 0) & valid
-        return torch.stack([(p & pos).sum(1), (p & neg).sum(1), (~p & neg).sum(1), (~p & pos).sum(1)], 1)
-
-    def values(self, replicated: Tensor) -> Tensor:
-        states = replicated.round()  # exact integer counts, in float64: the metric then computes in float64
-        return _samplewise(self._shadow(), states[:, 0], states[:, 1], states[:, 2], states[:, 3])
-
-
 def _multiclass_labels(preds: Tensor, target: Tensor, top_k: int) -> Tensor:
     """Each element's predicted label as torchmetrics counts it.
 
@@ -320,38 +326,113 @@ def _multiclass_labels(preds: Tensor, target: Tensor, top_k: int) -> Tensor:
     return torch.where(hit, target.long(), top.select(1, 0))
 
 
-class _MulticlassStats(_Family):
-    """``Multiclass*`` stat-score metrics: per sample and class ``tp``, ``fn``, ``fp``, and elements not ignored.
+class _Pairs(_Family):
+    """States that count ``(target, prediction)`` pairs: a confusion matrix of ``classes x classes`` cells.
 
-    ``tn`` is the rest; the values come from the metric in ``samplewise`` mode.
+    With one label per sample each sample adds 1 to one cell (``cells``: one ``index_add`` per batch); with several
+    (pixels, positions) its own confusion counts (``rows``).
+    """
+
+    classes: int
+    binary: bool = False
+    top_k: int = 1
+
+    def _pair(self, args: Sequence[Any]) -> tuple[Tensor, Tensor, Tensor]:
+        """Per element: the flat cell ``target * C + prediction`` and whether it counts, as ``(N, elements)``."""
+        preds, target = _tensors(args, self.metric)
+        n, c = target.shape[0], self.classes
+        if self.binary:
+            labels = _binary_labels(preds, self.metric.threshold).long()
+        else:
+            labels = _multiclass_labels(preds, target, self.top_k)
+        labels = labels.reshape(n, -1).clamp(0, c - 1)
+        t = target.reshape(n, -1).long()
+        valid = _valid(t, self.metric.ignore_index)
+        return t.masked_fill(~valid, 0).clamp(0, c - 1) * c + labels, valid, t
+
+    def cells(self, args: Sequence[Any]) -> Tensor | None:
+        target = args[1] if len(args) > 1 else None
+        if not isinstance(target, Tensor) or target.ndim != 1:
+            return None
+        preds, target = _tensors(args, self.metric)
+        c = self.classes
+        if self.binary:
+            labels = _binary_labels(preds, self.metric.threshold).long()
+        else:
+            labels = _multiclass_labels(preds, target, self.top_k)
+        t = target.long()
+        ignore = self.metric.ignore_index
+        # Out-of-range values are the metric's to reject (its own update ran first); clamped, they cannot fault here.
+        cell = (t.clamp(0, c - 1) * c + labels.reshape(-1).clamp(0, c - 1))
+        return cell if ignore is None else cell.masked_fill(t == ignore, self.width)
+
+    def rows(self, args: Sequence[Any]) -> Tensor:
+        cell, valid, t = self._pair(args)
+        out = torch.zeros(t.shape[0], self.width, dtype=torch.float32, device=t.device)
+        return out.scatter_add_(1, cell, valid.to(torch.float32))
+
+    def _confusion(self, replicated: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(tp, fp, tn, fn)`` per class from ``B`` confusion matrices ``[target, prediction]``."""
+        c = self.classes
+        m = replicated.round().reshape(-1, c, c)  # exact integer counts, in float64: the metric computes in float64
+        tp = m.diagonal(dim1=1, dim2=2)
+        fn = m.sum(2) - tp
+        fp = m.sum(1) - tp
+        tn = m.sum((1, 2)).unsqueeze(1) - tp - fn - fp
+        return tp, fp, tn, fn
+
+
+class _BinaryStats(_Pairs):
+    """``Binary*`` stat-score metrics: a 2 x 2 confusion per sample; values by the metric in ``samplewise`` mode."""
+
+    binary = True
+    classes = 2
+    width = 4
+
+    def values(self, replicated: Tensor) -> Tensor:
+        m = replicated.round()  # cells [t * 2 + p]: tn, fp, fn, tp
+        return _samplewise(self._shadow(), m[:, 3], m[:, 1], m[:, 0], m[:, 2])
+
+
+class _MulticlassStats(_Pairs):
+    """``Multiclass*`` stat-score metrics; values by the metric in ``samplewise`` mode.
+
+    The states: the confusion matrix (up to ``_MAX_PAIRED`` classes), else per class ``tp``, ``fn``, ``fp`` and the
+    elements not ignored.
     """
 
     def __init__(self, metric: Metric) -> None:
         super().__init__(metric)
         self.classes = int(self.metric.num_classes)
-        self.width = 3 * self.classes + 1
-        if self.metric.top_k > 1 and not _REFINED_TOP_K:
-            raise Unsupported(f"{type(metric).__name__}(top_k={self.metric.top_k}) counts top-k differently in this "
+        self.top_k = int(self.metric.top_k)
+        self.paired = self.classes <= _MAX_PAIRED
+        self.width = self.classes * self.classes if self.paired else 3 * self.classes + 1
+        if self.top_k > 1 and not _REFINED_TOP_K:
+            raise Unsupported(f"{type(metric).__name__}(top_k={self.top_k}) counts top-k differently in this "
                               "torchmetrics release")
 
+    def cells(self, args: Sequence[Any]) -> Tensor | None:
+        return super().cells(args) if self.paired else None
+
     def rows(self, args: Sequence[Any]) -> Tensor:
-        preds, target = _tensors(args, self.metric)
-        n, c = target.shape[0], self.classes
-        labels = _multiclass_labels(preds, target, self.metric.top_k).reshape(n, -1)
-        t = target.reshape(n, -1).long()
-        valid = _valid(t, self.metric.ignore_index)
-        t = t.masked_fill(~valid, 0).clamp(0, c - 1)
-        labels = labels.clamp(0, c - 1)
+        if self.paired:
+            return super().rows(args)
+        cell, valid, t = self._pair(args)
+        n, c = t.shape[0], self.classes
+        target, labels = cell // c, cell % c
         v = valid.to(torch.float32)
-        correct = (labels == t).to(torch.float32) * v
-        out = torch.zeros(n, self.width, dtype=torch.float32, device=target.device)
-        out[:, :c].scatter_add_(1, t, correct)
-        out[:, c : 2 * c].scatter_add_(1, t, v - correct)
+        correct = (labels == target).to(torch.float32) * v
+        out = torch.zeros(n, self.width, dtype=torch.float32, device=t.device)
+        out[:, :c].scatter_add_(1, target, correct)
+        out[:, c : 2 * c].scatter_add_(1, target, v - correct)
         out[:, 2 * c : 3 * c].scatter_add_(1, labels, v - correct)
         out[:, 3 * c] = v.sum(1)
         return out
 
     def values(self, replicated: Tensor) -> Tensor:
+        if self.paired:
+            tp, fp, tn, fn = self._confusion(replicated)
+            return _samplewise(self._shadow(), tp, fp, tn, fn)
         c = self.classes
         states = replicated.round()  # exact integer counts, in float64: the metric then computes in float64
         tp, fn, fp = states[:, :c], states[:, c : 2 * c], states[:, 2 * c : 3 * c]
@@ -392,7 +473,7 @@ def _samplewise(shadow: Metric, tp: Tensor, fp: Tensor, tn: Tensor, fn: Tensor) 
     return result
 
 
-class _ConfusionMatrix(_Family):
+class _ConfusionMatrix(_Pairs):
     """Metrics computed from a confusion matrix (Jaccard index, Cohen's kappa, Matthews correlation).
 
     Per sample its ``(target, prediction)`` counts; values by the metric, one replicate at a time.
@@ -403,20 +484,6 @@ class _ConfusionMatrix(_Family):
         self.binary = isinstance(metric, BinaryConfusionMatrix)
         self.classes = 2 if self.binary else int(self.metric.num_classes)
         self.width = self.classes * self.classes
-
-    def rows(self, args: Sequence[Any]) -> Tensor:
-        preds, target = _tensors(args, self.metric)
-        n, c = target.shape[0], self.classes
-        if self.binary:
-            labels = _binary_labels(preds, self.metric.threshold).long()
-        else:
-            labels = _multiclass_labels(preds, target, 1)
-        labels = labels.reshape(n, -1).clamp(0, c - 1)
-        t = target.reshape(n, -1).long()
-        valid = _valid(t, self.metric.ignore_index)
-        t = t.masked_fill(~valid, 0).clamp(0, c - 1)
-        out = torch.zeros(n, self.width, dtype=torch.float32, device=target.device)
-        return out.scatter_add_(1, t * c + labels, valid.to(torch.float32))
 
     def values(self, replicated: Tensor) -> Tensor:
         shadow = self._shadow()
@@ -509,7 +576,11 @@ def family_of(metric: Metric) -> _Family:
 
 
 class Replicated:
-    """One metric's ``B`` replicated states: a ``(B, K)`` float64 tensor on the device, updated by one product.
+    """One metric's ``B`` replicated states: a ``(K, B)`` tensor on the device, updated by one kernel per batch.
+
+    Counts (stat scores, confusion matrices) add small integers: they are summed in float32, exact while below
+    ``2**24``, and folded into the float64 states before that bound; one label per sample is one ``index_add`` of the
+    weights, several a ``(K, N) @ (N, B)`` product. Real sums (R2) go straight into float64.
 
     Args:
         metric: the metric whose value is replicated (only read, at the end, through a copy).
@@ -521,37 +592,65 @@ class Replicated:
         self.metric = metric
         self.family = family
         self.weights = weights
-        self._states: Tensor | None = None
+        self._states: Tensor | None = None  # float64, (B, K)
+        self._counts: Tensor | None = None  # float32, (B, K + 1): the last column takes samples that add nothing
+        self._bound = 0  # the largest value a float32 count can have reached since the last fold
 
     @property
     def size(self) -> int:
         """The length of ``pack()``: the same on every process before any batch, for one reduction."""
         return self.weights.replicates * self.family.width
 
-    def update(self, args: Sequence[Any], ids: Tensor, weights: Tensor | None = None) -> None:
-        """Add a batch: the metric's ``update`` arguments and the samples' indices; ``weights`` if already drawn."""
-        rows = self.family.rows(args)
-        w = self.weights(ids) if weights is None else weights
-        if self._states is None:
-            with torch.inference_mode(False):
-                self._states = torch.zeros(self.weights.replicates, self.family.width, dtype=torch.float64,
-                                           device=rows.device)
-        # Counts weighted by small integers are exact in float32 while each product stays below 2**24; the running
-        # states are float64 either way, so every batch adds exact integers (or float64 sums for R2).
-        if self.family.counts and rows.shape[0] * 8 * max(1, _elements(args)) < _FLOAT32_EXACT:
-            self._states.add_(w @ rows.to(torch.float32))
+    def update(self, args: Sequence[Any], ids: Tensor | None, weights: Tensor | None = None) -> None:
+        """Add a batch: the metric's ``update`` arguments and the samples' indices (or their ``(N, B)`` weights)."""
+        if weights is None:
+            assert ids is not None
+            weights = self.weights(ids)
+        family = self.family
+        if not family.counts:
+            rows = family.rows(args)
+            self._allocate(rows.device)
+            assert self._states is not None
+            self._states.addmm_(rows.to(torch.float64).t(), weights.to(torch.float64))
+            return
+        cells = family.cells(args)
+        # A sample's weight is at most _MAX_WEIGHT (the table's largest Poisson quantile), times its elements.
+        added = weights.shape[0] * _MAX_WEIGHT * (1 if cells is not None else max(1, _elements(args)))
+        if self._bound + added >= _FLOAT32_EXACT:
+            self._fold()
+        self._bound += added
+        self._allocate(weights.device)
+        assert self._counts is not None
+        if cells is not None:
+            self._counts.index_add_(0, cells, weights)  # each sample's row of weights into its cell's row
         else:
-            self._states.addmm_(w.to(torch.float64), rows.to(torch.float64))
+            self._counts[:-1].addmm_(family.rows(args).to(torch.float32).t(), weights)
+
+    def _allocate(self, device: torch.device) -> None:
+        if self._states is None:
+            with torch.inference_mode(False):  # updated in place in later stages too
+                b, k = self.weights.replicates, self.family.width
+                self._states = torch.zeros(k, b, dtype=torch.float64, device=device)
+                if self.family.counts:
+                    self._counts = torch.zeros(k + 1, b, dtype=torch.float32, device=device)
+
+    def _fold(self) -> None:
+        if self._counts is not None and self._states is not None and self._bound:
+            self._states += self._counts[:-1]
+            self._counts.zero_()
+        self._bound = 0
 
     def pack(self, device: torch.device) -> Tensor:
-        """The replicated states, flattened, for an ``all_reduce(SUM)``; zeros if no batch came."""
+        """The replicated states (state-major), flattened, for an ``all_reduce(SUM)``; zeros if no batch came."""
         if self._states is None:
             return torch.zeros(self.size, dtype=torch.float64, device=device)
+        self._fold()
         return self._states.reshape(-1).to(device)
 
     def values(self, packed: Tensor) -> Tensor:
         """The metric's value in each replicate, from a (reduced) ``pack()``: ``(B,)`` float64."""
-        return self.family.values(packed.reshape(self.weights.replicates, self.family.width).to(torch.float64))
+        states = packed.reshape(self.family.width, self.weights.replicates).t()
+        return self.family.values(states.to(torch.float64))
 
 
 def _elements(args: Sequence[Any]) -> int:

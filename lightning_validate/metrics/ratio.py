@@ -11,7 +11,7 @@ delta method (the ratio estimator of survey sampling) treats rows as the units::
 With ``T_i = 1`` this is exactly the variance ``s^2 / n`` of a mean. Treating the tokens as independent instead
 underestimates the error as soon as sequences differ in difficulty (about 5x in ``docs/uncertainty.md``).
 
-``RatioAccumulator`` keeps the sums on the device, shifted by a value ``K`` taken from its first batch (as a device
+``RatioAccumulator`` keeps the sums on the device, shifted by a value ``K`` taken from its first rows (as a device
 scalar: nothing is read back) so that the residual sum of squares does not cancel, and packs them for one
 ``all_reduce(SUM)``: each process writes its own row of a ``(world, 7)`` block, so every process gets every
 row and merges them exactly, each with its own shift (``merge``).
@@ -41,6 +41,8 @@ __all__ = ["RatioAccumulator", "RatioEstimate"]
 
 #: Per process: units, sum T, sum d, sum d^2, sum T^2, sum d T (with d = L - K T), and the shift K.
 _ROW = 7
+#: Rows kept in the window before they are folded into the sums.
+_WINDOW = 8192
 
 
 class RatioEstimate(NamedTuple):
@@ -52,53 +54,69 @@ class RatioEstimate(NamedTuple):
 
 
 class RatioAccumulator:
-    """Per-row terms ``(L_i, T_i)`` of a ratio estimator, summed on the device; no host-device sync per batch."""
+    """Per-row terms ``(L_i, T_i)`` of a ratio estimator, summed on the device; no host-device sync per batch.
+
+    A batch's rows are copied into a window buffer (two small copies) and folded into the six running sums a few
+    thousand rows at a time: the sums cost a handful of kernels per window, not per batch.
+    """
 
     def __init__(self) -> None:
-        self._dev: Tensor | None = None  # units, sum T, sum d, sum d^2, sum T^2, sum d T (device-weighted rows)
+        self._dev: Tensor | None = None  # units, sum T, sum d, sum d^2, sum T^2, sum d T
         self._shift: Tensor | None = None
-        self._host = [0.0, 0.0, 0.0]  # units, sum T, sum T^2 of rows whose weight is a host number
+        self._window: Tensor | None = None  # (2, _WINDOW): rows not folded yet, L then T
+        self._filled = 0
 
     def add(self, sums: Tensor, weights: Tensor | float) -> None:
-        """Add rows: ``sums`` of shape ``(N,)``; ``weights`` of the same shape, or one number for every row.
+        """Add rows: ``sums`` of shape ``(N,)``; ``weights`` of that shape (a bool mask: 1 or 0) or one number.
 
-        With one number (a per-sample mean: 1, or a row's element count) the weights stay on the host. A row of
-        weight 0 adds nothing (a sequence whose tokens are all ignored) and is not counted as a unit.
+        A row of weight 0 adds nothing (a sequence whose tokens are all ignored) and is no unit.
         """
         sums = sums.detach().reshape(-1)
-        dtype = sum_dtype(sums.device)
-        if sums.dtype != dtype:
-            sums = sums.to(dtype)
-        if not isinstance(weights, Tensor) and weights == 0:
+        n = sums.numel()
+        if n == 0:
             return
-        if isinstance(weights, Tensor):
-            weights = weights.detach().reshape(-1).to(device=sums.device, dtype=dtype)
-        if self._dev is None:
-            with torch.inference_mode(False):  # updated in place in later stages too
-                self._dev = torch.zeros(6, dtype=dtype, device=sums.device)
-            # The first batch's own ratio as the shift: a device scalar (0 if that batch weighs nothing), no sync.
-            total = weights.sum() if isinstance(weights, Tensor) else weights * sums.numel()
-            self._shift = torch.where(torch.as_tensor(total, device=sums.device) != 0, sums.sum() / total, 0.0)
-        assert self._shift is not None
-        if isinstance(weights, Tensor):
-            d = sums - self._shift * weights
-            terms = torch.stack([(weights != 0).to(dtype), weights, d, d * d, weights * weights, d * weights])
-            self._dev.add_(terms.sum(1))
+        if self._window is None or self._window.device != sums.device:
+            self._fold()
+            with torch.inference_mode(False):  # written in place in later stages too
+                self._window = torch.zeros(2, _WINDOW, dtype=sum_dtype(sums.device), device=sums.device)
+        if self._filled + n > _WINDOW:
+            self._fold()
+        if n > _WINDOW:  # a batch larger than the window is folded on its own
+            dtype = self._window.dtype
+            w = weights.detach().reshape(-1).to(dtype) if isinstance(weights, Tensor) else torch.full_like(
+                sums, weights, dtype=dtype)
+            self._fold_rows(sums.to(dtype), w)
             return
-        d = sums - self._shift * weights
-        total = d.sum()
-        self._dev[2:].add_(torch.stack([total, torch.dot(d, d), total.new_zeros(()), total * weights]))
-        count = sums.numel()
-        self._host[0] += count
-        self._host[1] += weights * count
-        self._host[2] += weights * weights * count
+        rows = self._window[:, self._filled : self._filled + n]
+        rows[0].copy_(sums)
+        if isinstance(weights, Tensor):
+            rows[1].copy_(weights.detach().reshape(-1))
+        else:
+            rows[1].fill_(weights)
+        self._filled += n
+
+    def _fold(self) -> None:
+        if self._window is not None and self._filled:
+            filled, self._filled = self._filled, 0
+            self._fold_rows(self._window[0, :filled], self._window[1, :filled])
+
+    def _fold_rows(self, sums: Tensor, weights: Tensor) -> None:
+        if self._dev is None or self._shift is None:
+            with torch.inference_mode(False):
+                self._dev = torch.zeros(6, dtype=sums.dtype, device=sums.device)
+            # The first rows' own ratio as the shift: a device scalar (0 if they weigh nothing), nothing read back.
+            total = weights.sum()
+            self._shift = torch.where(total != 0, sums.sum() / total, 0.0)
+        d = torch.addcmul(sums, weights, self._shift, value=-1.0)  # sums - shift * weights
+        terms = torch.stack([(weights != 0).to(sums.dtype), weights, d, d * d, weights * weights, d * weights])
+        self._dev.add_(terms.sum(1))
 
     def pack(self, rank: int, world: int, device: torch.device) -> Tensor:
         """This process's row of a ``(world, 7)`` block, flattened, for an ``all_reduce(SUM)``; no sync."""
+        self._fold()
         block = torch.zeros(world, _ROW, dtype=sum_dtype(device), device=device)
         if self._dev is not None and self._shift is not None:
-            host = torch.tensor([self._host[0], self._host[1], 0.0, 0.0, self._host[2], 0.0], dtype=block.dtype)
-            block[rank, :6] = self._dev.to(device=device, dtype=block.dtype) + host.to(device)
+            block[rank, :6] = self._dev.to(device=device, dtype=block.dtype)
             block[rank, 6] = self._shift.to(device=device, dtype=block.dtype)
         return block.flatten()
 

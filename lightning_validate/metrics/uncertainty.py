@@ -45,6 +45,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 from torchmetrics import MeanMetric, Metric
 from torchmetrics.classification import (
     BinaryAccuracy,
@@ -65,9 +66,9 @@ from torchmetrics.classification import (
 from torchmetrics.regression import MeanAbsoluteError, MeanSquaredError
 from torchmetrics.text import Perplexity
 
-from lightning_validate.metrics.bootstrap import PoissonWeights, Replicated, Unsupported, family_of
+from lightning_validate.metrics.bootstrap import PoissonWeights, Replicated, Unsupported, _Pairs, family_of
 from lightning_validate.metrics.intervals import NO_INTERVAL, Interval, Intervals, percentile, t_interval, wilson
-from lightning_validate.metrics.loss_terms import BatchLoss, known, sample_terms
+from lightning_validate.metrics.loss_terms import BatchLoss, known, loss_plan, sample_terms
 from lightning_validate.metrics.ratio import RatioAccumulator, RatioEstimate
 from lightning_validate.metrics.records import SampleRecord, fingerprints
 
@@ -118,7 +119,7 @@ class _Estimator:
     def size(self, world: int) -> int:
         raise NotImplementedError
 
-    def update(self, args: Sequence[Any], n: int, weights: Callable[[], Tensor]) -> None:
+    def update(self, args: Sequence[Any], n: int, weights: Tensor | None) -> None:
         raise NotImplementedError
 
     def pack(self, device: torch.device, rank: int, world: int) -> Tensor:
@@ -163,7 +164,7 @@ class _Ratio(_Estimator):
     def size(self, world: int) -> int:
         return _ROW * world + 1
 
-    def update(self, args: Sequence[Any], n: int, weights: Callable[[], Tensor]) -> None:
+    def update(self, args: Sequence[Any], n: int, weights: Tensor | None) -> None:
         terms = self.rows(args, n)
         if terms is None:
             self.missing += 1
@@ -327,31 +328,25 @@ class _Proportion(_Estimator):
         """Per-sample successes and trials, ``(n, 2)``: what the metric counts for each sample."""
         if isinstance(self.metric, (MulticlassExactMatch, MultilabelExactMatch)):
             return _exact_match_rows(self.metric, args, n)
-        if self.rows_family is None:
+        if not isinstance(self.rows_family, _Pairs):
             return None
-        stats = self.rows_family.rows(args).to(torch.float64)
-        m: Any = self.metric
-        if isinstance(m, MulticlassStatScores):
-            assert m.num_classes is not None
-            c = int(m.num_classes)
-            tp = stats[:, :c].sum(1)
-            other = stats[:, 2 * c : 3 * c].sum(1) if isinstance(m, MulticlassPrecision) else stats[:, c : 2 * c].sum(1)
-            k, trials = tp, tp + other
-        else:
-            tp, fp, tn, fn = stats.unbind(1)
-            if isinstance(m, (BinaryAccuracy, BinaryHammingDistance)):
-                k, trials = tp + tn, tp + fp + tn + fn
-            elif isinstance(m, BinaryPrecision):
-                k, trials = tp, tp + fp
-            elif isinstance(m, BinaryRecall):
-                k, trials = tp, tp + fn
-            elif isinstance(m, BinarySpecificity):
-                k, trials = tn, tn + fp
-            else:
-                k, trials = tn, tn + fn
-        return torch.stack([k, trials], 1)
+        cell, valid, _ = self.rows_family._pair(args)
+        c = self.rows_family.classes
+        target, pred = cell // c, cell % c
+        m = self.metric
+        if isinstance(m, (MulticlassStatScores, BinaryAccuracy, BinaryHammingDistance)):
+            k, trials = (target == pred) & valid, valid  # micro: every element counted once, right or wrong
+        elif isinstance(m, BinaryPrecision):
+            k, trials = (pred == 1) & (target == 1) & valid, (pred == 1) & valid
+        elif isinstance(m, BinaryRecall):
+            k, trials = (pred == 1) & (target == 1) & valid, (target == 1) & valid
+        elif isinstance(m, BinarySpecificity):
+            k, trials = (pred == 0) & (target == 0) & valid, (target == 0) & valid
+        else:  # negative predictive value
+            k, trials = (pred == 0) & (target == 0) & valid, (pred == 0) & valid
+        return torch.stack([k.sum(1, dtype=torch.float64), trials.sum(1, dtype=torch.float64)], 1)
 
-    def update(self, args: Sequence[Any], n: int, weights: Callable[[], Tensor]) -> None:
+    def update(self, args: Sequence[Any], n: int, weights: Tensor | None) -> None:
         self.batches += 1
         target = args[1] if len(args) > 1 else None
         # Exact match is one trial per sample whatever its shape; the others count each label of a sample.
@@ -418,11 +413,12 @@ class _Bootstrap(_Estimator):
     def size(self, world: int) -> int:
         return self.replicated.size + 1
 
-    def update(self, args: Sequence[Any], n: int, weights: Callable[[], Tensor]) -> None:
+    def update(self, args: Sequence[Any], n: int, weights: Tensor | None) -> None:
         if self.failed is not None:
             return
         try:
-            self.replicated.update(args, None, weights())  # type: ignore[arg-type]
+            assert weights is not None
+            self.replicated.update(args, None, weights)
         except Unsupported as err:
             self.failed = str(err)
 
@@ -493,22 +489,12 @@ class EvaluationIntervals:
             for estimator in self.estimators:
                 if estimator.kind != "bootstrap":
                     estimator.record = _Rows(2)
+        self._bootstraps = any(isinstance(e, _Bootstrap) for e in self.estimators)
 
     def _loss_estimator(self, criterion: object) -> _Ratio:
         if criterion is not None and known(criterion):
             assert isinstance(criterion, nn.Module)
-
-            def from_criterion(args: Sequence[Any], n: int) -> tuple[Tensor, Tensor]:
-                outputs, target = args
-                if isinstance(outputs, Tensor) and outputs.dtype in _LOW_PRECISION:  # bf16-true: in float32
-                    with torch.autocast(outputs.device.type, enabled=False):
-                        terms = sample_terms(criterion, outputs, target, torch.float32)
-                else:
-                    terms = sample_terms(criterion, outputs, target)
-                assert isinstance(terms.weight, Tensor)
-                return terms.sum, terms.weight
-
-            return _Ratio("loss", from_criterion)
+            return _Ratio("loss", _criterion_rows(criterion))
         return _Ratio("loss", _unused, why_not=(
             f"No interval for `{self.label('loss')}`: the loss came as one value per batch (a mean or "
             "`LossTerms(sum, weight)` of the batch), and the interval needs each sample's: return one loss per "
@@ -557,14 +543,9 @@ class EvaluationIntervals:
         """
         start = self._seen
         self._seen += n
-        drawn: list[Tensor] = []
-
-        def weights() -> Tensor:  # drawn once per batch, for every bootstrap metric
-            if not drawn:
-                device = _device_of(inputs, outputs, target)
-                drawn.append(self._weights.at(start, n, self.world, self.rank, device))
-            return drawn[0]
-
+        weights = None
+        if self._bootstraps:  # drawn once per batch, for every bootstrap metric
+            weights = self._weights.at(start, n, self.world, self.rank, _device_of(inputs, outputs, target))
         if self._loss is not None:
             if self._loss.rows is _unused:
                 per_sample = batch.per_sample if batch is not None else None
@@ -664,6 +645,45 @@ class EvaluationIntervals:
             replicates=replicates, values={k: float(v) for k, v in values.items()}, seed=self.spec.seed,
             confidence=self.spec.confidence,
         )
+
+
+def _criterion_rows(criterion: nn.Module) -> Callable[[Sequence[Any], int], tuple[Tensor, Tensor] | None]:
+    """Per-sample ``(sum, weight)`` of a torch criterion: its ``reduction="none"`` call, on the outputs it got.
+
+    Cross-entropy and NLL with class indices and no class weights (the common case) take a short path: the
+    unreduced loss (``F.cross_entropy``/``F.nll_loss`` with the criterion's settings, so the user's hooks on the
+    criterion run only for its own call) is each sample's sum, and whether its target is ignored its weight.
+    Everything else goes through ``sample_terms``, in float32 for bfloat16 outputs.
+    """
+    plan = loss_plan(criterion)
+    short = plan is not None and plan.class_index and not plan.linear
+    cross_entropy = isinstance(criterion, nn.CrossEntropyLoss)
+
+    def rows(args: Sequence[Any], n: int) -> tuple[Tensor, Tensor] | None:
+        outputs, target = args
+        if not isinstance(outputs, Tensor) or not isinstance(target, Tensor):
+            return None
+        if outputs.dtype in _LOW_PRECISION:  # bf16-true: the terms in float32, as the epoch's numerator is
+            with torch.autocast(outputs.device.type, enabled=False):
+                terms = sample_terms(criterion, outputs, target, torch.float32)
+        elif short and not target.is_floating_point() and criterion._buffers.get("weight") is None:
+            ignore = getattr(criterion, "ignore_index", -100)
+            ignore = -100 if ignore is None else ignore
+            if cross_entropy:  # 0 where the target is ignored
+                losses = F.cross_entropy(outputs, target, ignore_index=ignore, reduction="none",
+                                         label_smoothing=float(getattr(criterion, "label_smoothing", 0.0)))
+            else:
+                losses = F.nll_loss(outputs, target, ignore_index=ignore, reduction="none")
+            kept = target != ignore
+            if target.ndim == 1:
+                return losses, kept
+            return losses.reshape(n, -1).sum(1, dtype=torch.float64), kept.reshape(n, -1).sum(1, dtype=torch.float64)
+        else:
+            terms = sample_terms(criterion, outputs, target)
+        assert isinstance(terms.weight, Tensor)
+        return terms.sum, terms.weight
+
+    return rows
 
 
 def _unused(args: Sequence[Any], n: int) -> None:

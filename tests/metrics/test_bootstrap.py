@@ -72,10 +72,10 @@ class Ones:
     replicates = 1
 
     def at(self, start: int, count: int, world: int = 1, rank: int = 0, device: torch.device | None = None) -> Tensor:
-        return torch.ones(1, count)
+        return torch.ones(count, 1)
 
     def __call__(self, ids: Tensor) -> Tensor:
-        return torch.ones(1, ids.numel())
+        return torch.ones(ids.numel(), 1)
 
 
 def data() -> dict[str, tuple[Tensor, Tensor]]:
@@ -136,17 +136,16 @@ def test_weights_are_the_python_definition_on_any_layout() -> None:
     weights = PoissonWeights(7, 42)
     ids = torch.arange(0, 3000)
     expected = torch.tensor([[poisson_weight(42, b, i) for i in range(3000)] for b in range(7)], dtype=torch.float32)
-    assert torch.equal(weights(ids), expected)
+    assert torch.equal(weights(ids), expected.t())  # one row per sample
     # Rank 2 of 3 processes sees positions 2, 5, 8, ...: the same weights as those samples on one process.
-    assert torch.equal(weights.at(10, 50, world=3, rank=2), expected[:, 32:182:3])
-    assert torch.equal(weights.at(4090, 20), expected[:, 4090:4110] if expected.shape[1] > 4110 else
-                       weights(torch.arange(4090, 4110)))
+    assert torch.equal(weights.at(10, 50, world=3, rank=2), expected.t()[32:182:3])
+    assert torch.equal(weights.at(4090, 20), weights(torch.arange(4090, 4110)))  # across a block of hashed keys
     with pytest.raises(ValueError, match=r"Expected a sample index in \[0, 2\*\*31\) but got -1"):
         poisson_weight(0, 0, -1)
 
 
 def test_weights_are_poisson_1_independent_across_samples_and_replicates() -> None:
-    w = PoissonWeights(200, 3)(torch.arange(5000)).double()  # 1e6 draws
+    w = PoissonWeights(200, 3)(torch.arange(5000)).double().t()  # 1e6 draws, (replicates, samples)
     counts = torch.bincount(w.long().flatten(), minlength=8)[:8].double()
     expected = torch.tensor([stats.poisson.pmf(k, 1.0) for k in range(8)], dtype=torch.float64) * w.numel()
     assert ((counts - expected).abs() <= 5 * expected.sqrt() + 2).all(), (counts, expected)
@@ -155,7 +154,7 @@ def test_weights_are_poisson_1_independent_across_samples_and_replicates() -> No
     bound = 5 / math.sqrt(centred[:, 1:].numel())
     assert abs((centred[:, 1:] * centred[:, :-1]).mean().item()) < bound  # neighbouring samples
     assert abs((centred[1:] * centred[:-1]).mean().item()) < bound  # neighbouring replicates
-    other_seed = PoissonWeights(200, 4)(torch.arange(5000)).double() - 1.0
+    other_seed = PoissonWeights(200, 4)(torch.arange(5000)).double().t() - 1.0
     assert abs((centred * other_seed).mean().item()) < bound
 
 
