@@ -60,11 +60,17 @@ from torchmetrics.classification import (
     MulticlassHammingDistance,
     MulticlassPrecision,
     MulticlassRecall,
+    MulticlassSpecificity,
     MulticlassStatScores,
     MultilabelExactMatch,
+    MultilabelPrecision,
+    MultilabelRecall,
+    MultilabelSpecificity,
+    MultilabelStatScores,
 )
 from torchmetrics.regression import MeanAbsoluteError, MeanSquaredError
 from torchmetrics.text import Perplexity
+from torchmetrics.wrappers import ClasswiseWrapper
 
 from lightning_validate.metrics.bootstrap import PoissonWeights, Replicated, Unsupported, _Pairs, family_of
 from lightning_validate.metrics.intervals import NO_INTERVAL, Interval, Intervals, percentile, t_interval, wilson
@@ -294,7 +300,7 @@ def _proportion_kind(metric: Metric) -> str | None:
     return None
 
 
-def _is_f_score(metric: Metric) -> bool:
+def _is_f_score(metric: object) -> bool:
     return hasattr(metric, "beta")  # F-scores subclass the stat-score classes, not precision or recall
 
 
@@ -395,6 +401,71 @@ def _exact_match_rows(metric: Any, args: Sequence[Any], n: int) -> Tensor | None
     match = labels == t if ignore is None else (labels == t) | (t == ignore)
     correct = match.all(1).to(torch.float64)
     return torch.stack([correct, torch.ones_like(correct)], 1)
+
+
+class _Classwise(_Estimator):
+    """``ClasswiseWrapper`` around a per-class recall, precision, specificity or accuracy: Wilson per class.
+
+    Each sample is one trial of its target's class (recall, accuracy) or of its predicted class (precision), so
+    every class's proportion is binomial given its trials; the intervals take the wrapper's own names (``recall_cat``).
+    """
+
+    kind = "proportion"
+
+    def __init__(self, name: str, wrapper: Any) -> None:
+        super().__init__(name)
+        self.wrapper = wrapper
+        self.metric: Any = wrapper.metric
+        self.classes = int(getattr(self.metric, "num_classes", None) or self.metric.num_labels)
+        self.batches = 0
+        self.several = 0
+
+    @staticmethod
+    def supports(wrapper: Any) -> bool:
+        inner = getattr(wrapper, "metric", None)
+        if getattr(inner, "average", "") not in (None, "none") or _is_f_score(inner):
+            return False
+        if getattr(inner, "multidim_average", "global") != "global":
+            return False
+        per_class = (MulticlassRecall, MulticlassAccuracy, MulticlassSpecificity, MultilabelRecall,
+                     MultilabelPrecision, MultilabelSpecificity)
+        return isinstance(inner, per_class) or (isinstance(inner, MulticlassPrecision) and inner.top_k == 1)
+
+    def size(self, world: int) -> int:
+        return 4 * self.classes + 2
+
+    def update(self, args: Sequence[Any], n: int, weights: Tensor | None) -> None:
+        self.batches += 1
+        target = args[1] if len(args) > 1 else None
+        per_sample = n * (self.classes if isinstance(self.metric, MultilabelStatScores) else 1)
+        if isinstance(target, Tensor) and target.numel() > per_sample:
+            self.several += 1
+
+    def pack(self, device: torch.device, rank: int, world: int) -> Tensor:
+        states = [getattr(self.metric, s).reshape(-1).to(device=device, dtype=torch.float64)
+                  for s in ("tp", "fp", "tn", "fn")]
+        counts = torch.tensor([float(self.several), float(self.batches)], dtype=torch.float64, device=device)
+        return torch.cat([*states, counts])
+
+    def clustered(self, packed: Tensor) -> bool:
+        return bool(packed[-2].item() > 0)
+
+    def per_class(self, packed: Tensor, confidence: float) -> dict[str, Interval]:
+        if self.clustered(packed):
+            return {}
+        c = self.classes
+        tp, fp, tn, fn = (packed[i * c : (i + 1) * c] for i in range(4))
+        m = self.metric
+        if isinstance(m, (MulticlassPrecision, MultilabelPrecision)):
+            k, n = tp, tp + fp
+        elif isinstance(m, (MulticlassSpecificity, MultilabelSpecificity)):
+            k, n = tn, tn + fp
+        else:
+            k, n = tp, tp + fn
+        bounds = [wilson(float(a), float(b), confidence) for a, b in zip(k.tolist(), n.tolist(), strict=True)]
+        lows = self.wrapper._convert_output(torch.tensor([b.low for b in bounds], dtype=torch.float64))
+        highs = self.wrapper._convert_output(torch.tensor([b.high for b in bounds], dtype=torch.float64))
+        return {key: Interval(float(lows[key]), float(highs[key])) for key in lows}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -503,6 +574,12 @@ class EvaluationIntervals:
 
     def _metric_estimator(self, name: str, metric: Metric) -> _Estimator | None:
         key = self.label(name)
+        if isinstance(metric, ClasswiseWrapper):
+            if _Classwise.supports(metric):
+                return _Classwise(name, metric)
+            self.warnings.append(f"No interval for `{key}`: ClasswiseWrapper gets intervals around a per-class "
+                                 "recall, precision, specificity or accuracy only; its values are logged without one.")
+            return None
         kind = _proportion_kind(metric)
         if kind is not None:
             return _Proportion(name, metric, kind)
@@ -594,6 +671,13 @@ class EvaluationIntervals:
             size = estimator.size(self.world)
             part = packed[offset : offset + size]
             offset += size
+            if isinstance(estimator, _Classwise):  # one interval per class, under the wrapper's own names
+                out.update(estimator.per_class(part, self.spec.confidence))
+                if estimator.clustered(part):
+                    self.warnings.append(f"No interval for `{self.label(estimator.name)}`: its samples hold several "
+                                         "labels each (pixels, positions), which its per-class counts cannot tell "
+                                         "apart from independent samples.")
+                continue
             value = values.get(estimator.name, math.nan)
             interval = estimator.finish(part, value, self.spec.confidence)
             out[estimator.name] = interval

@@ -57,3 +57,18 @@ def test_a_value_without_an_interval_is_named_in_a_warning_at_the_call() -> None
     with pytest.raises(ValueError, match=r"Expected argument `confidence` to be None \(no intervals\), a confidence "
                                          r"level in \(0, 1\).* but got 'high'\."):
         validate(model, loader, metrics={"acc": MulticlassAccuracy(3)}, progress=False, confidence="high")
+
+
+def test_per_class_recall_gets_a_wilson_interval_per_class() -> None:
+    from torchmetrics.classification import MulticlassRecall
+    from torchmetrics.wrappers import ClasswiseWrapper
+
+    model, loader, x, y = data()
+    wrapper = ClasswiseWrapper(MulticlassRecall(3, average=None), labels=["cat", "dog", "eel"], prefix="recall_")
+    values = validate(model, loader, metrics={"recall": wrapper}, progress=False, confidence=0.95)
+    with torch.no_grad():
+        pred = model(x).argmax(1)
+    for c, label in enumerate(["cat", "dog", "eel"]):
+        right, total = int(((pred == c) & (y == c)).sum()), int((y == c).sum())
+        expected = proportion_confint(right, total, alpha=0.05, method="wilson")
+        assert (values[f"recall_{label}_low"], values[f"recall_{label}_high"]) == pytest.approx(expected, abs=1e-9)
