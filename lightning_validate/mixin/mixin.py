@@ -41,7 +41,8 @@ from typing_extensions import override
 from lightning_validate.metrics.batches import batch_size_of
 from lightning_validate.metrics.fast_accuracy import default_metrics
 from lightning_validate.metrics.inputs import split_inputs
-from lightning_validate.metrics.loss_terms import BatchLoss, LossTerms, batch_loss, value_terms
+from lightning_validate.metrics.loss_calls import recorded_terms
+from lightning_validate.metrics.loss_terms import BatchLoss, LossMean, LossTerms, batch_loss, value_terms
 from lightning_validate.mixin import build, messages
 from lightning_validate.mixin.build import Stage
 from lightning_validate.mixin.run import CHECKPOINT_KEY, RunState
@@ -102,6 +103,8 @@ class ValidationMixin(_Base):
         val_dataloader_names, test_dataloader_names: one name per dataloader, used instead of
             ``dataloader_idx_<i>``.
         log_train_metrics: update the metrics in the default ``training_step`` too (``True``).
+        log_perplexity: also log ``val/ppl`` (``test/ppl``, ``train/ppl``), ``exp`` of the epoch's exact loss: the
+            perplexity of the set for a token-mean cross-entropy (``False``; see ``docs/language-models.md``).
     """
 
     on_bad_values: Literal["warn", "raise"] = "warn"
@@ -109,6 +112,7 @@ class ValidationMixin(_Base):
     val_dataloader_names: Sequence[str] | None = None
     test_dataloader_names: Sequence[str] | None = None
     log_train_metrics: bool = True
+    log_perplexity: bool = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -134,13 +138,16 @@ class ValidationMixin(_Base):
         build.DEFAULTS.update(metrics.values())  # so that shapes are checked for them, also via super()
         return metrics
 
-    def compute_loss(self, outputs: Any, target: Any) -> Tensor | LossTerms:
+    def compute_loss(self, outputs: Any, target: Any) -> Tensor | LossTerms | LossMean:
         """Return the loss of a batch. Default: ``self.criterion(outputs, target)``.
 
         With the default, a ``torch.nn`` loss module is exact as it is (the mixin reads its numerator and
-        denominator, ``docs/losses.md``). An override is exact when it returns one value per sample (or per
-        element; each counts once), or ``LossTerms(sum, weight)`` for a weighted mean. A 0-dim batch mean is
-        weighted by the batch size: exact only when it is a mean over samples.
+        denominator, ``docs/losses.md``). An override is exact when it returns what a torch loss call returned
+        (``self.criterion(outputs.flatten(0, 1), target.flatten())``, ``F.cross_entropy(...)``: the mixin reads
+        that call's terms, e.g. the tokens not ignored), one value per sample (or per element; each counts once),
+        ``LossTerms(sum, weight)`` for a weighted mean, or ``LossMean(mean, weight)`` for a mean computed elsewhere
+        (a Hugging Face model's ``outputs.loss``). Any other 0-dim value (the sum of two loss calls, a call times a
+        factor) is weighted by the batch size: exact only when it is a mean over samples.
         """
         criterion = getattr(self, "criterion", None)
         if criterion is None:
@@ -187,13 +194,13 @@ class ValidationMixin(_Base):
     @override
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor | None:
         """Forward, loss and metrics of one validation batch; returns its loss."""
-        inputs, target = self.unpack_batch(batch)
+        inputs, target = self._lv_batch("val", batch, dataloader_idx)
         return self.update_metrics("val", self(inputs), target, dataloader_idx)
 
     @override
     def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor | None:
         """Forward, loss and metrics of one test batch; returns its loss."""
-        inputs, target = self.unpack_batch(batch)
+        inputs, target = self._lv_batch("test", batch, dataloader_idx)
         return self.update_metrics("test", self(inputs), target, dataloader_idx)
 
 
@@ -352,14 +359,24 @@ class ValidationMixin(_Base):
         # The default compute_loss (not overridden in the class or on the instance) calls the criterion: see into it.
         default = getattr(self.compute_loss, "__func__", None) is ValidationMixin.compute_loss
         criterion = getattr(self, "criterion", None)
+        loss: Any = None
         try:
             batch = batch_loss(criterion, outputs, target) if default else None
-            loss = self.compute_loss(outputs, target) if batch is None else None
+            if batch is None:  # your compute_loss (or a criterion not seen into): the terms of the loss call it returns
+                loss, batch = recorded_terms(self.compute_loss, outputs, target, is_sum=is_sum)
         except (RuntimeError, ValueError, IndexError) as err:
             if not default:
                 raise
             raise type(err)(messages.criterion_error(criterion, outputs, target, err)) from err
         return batch if batch is not None else value_terms(loss, n, is_sum=is_sum, what="`compute_loss`")
+
+    def _lv_batch(self, stage: Stage, batch: Any, dataloader_idx: int) -> tuple[Any, Any]:
+        """``unpack_batch``, then DistributedSampler's repeats cut before the forward (a model's own loss is exact)."""
+        inputs, target = self.unpack_batch(batch)
+        epoch = self._lv.epochs.get(stage)
+        if epoch is None or dataloader_idx >= len(epoch.loaders):
+            return inputs, target  # update_metrics says why
+        return epoch.loaders[dataloader_idx].real(inputs, target)
 
     def _lv_metric_inputs(self, names: list[str], outputs: Any, target: Any) -> list[tuple[Any, ...]]:
         """The ``update`` arguments of each metric, from ``metric_inputs``."""
