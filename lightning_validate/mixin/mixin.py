@@ -69,8 +69,9 @@ class ValidationMixin(_Base):
     ``training_step``, ``setup``, ``teardown``, the ``on_{train,validation,test}_epoch_{start,end}`` hooks,
     ``on_{validation,test,predict}_model_eval`` and ``on_{save,load}_checkpoint``. A method you define wins (your
     class comes first in the MRO). If you override a step, call
-    ``return self.update_metrics("val", self(x), y, dataloader_idx)`` in it to keep the epoch metrics; if you
-    override any of the hooks, call ``super()`` in it.
+    ``return self.update_metrics("val", self(x), y, dataloader_idx)`` in it to keep the epoch metrics (and
+    ``x, y = self.real_batch("val", batch, dataloader_idx)`` to leave DDP's repeated samples out of the forward);
+    if you override any of the hooks, call ``super()`` in it.
 
     What is logged, once per epoch: ``val/loss`` and ``val/<name>`` (``test/...``); with several dataloaders
     ``val/<name>/dataloader_idx_<i>`` (Lightning's convention) or ``val/<name>/<your name>`` from
@@ -194,15 +195,29 @@ class ValidationMixin(_Base):
     @override
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor | None:
         """Forward, loss and metrics of one validation batch; returns its loss."""
-        inputs, target = self._lv_batch("val", batch, dataloader_idx)
+        inputs, target = self.real_batch("val", batch, dataloader_idx)
         return self.update_metrics("val", self(inputs), target, dataloader_idx)
 
     @override
     def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor | None:
         """Forward, loss and metrics of one test batch; returns its loss."""
-        inputs, target = self._lv_batch("test", batch, dataloader_idx)
+        inputs, target = self.real_batch("test", batch, dataloader_idx)
         return self.update_metrics("test", self(inputs), target, dataloader_idx)
 
+
+    def real_batch(self, stage: Stage, batch: Any, dataloader_idx: int = 0) -> tuple[Any, Any]:
+        """``unpack_batch(batch)`` without the samples ``DistributedSampler`` repeated to pad this process.
+
+        The default steps call it before the forward, so that what the model computes from the batch itself (its
+        own ``outputs.loss``, generated text) covers real samples only; call it in your own step for the same.
+        ``update_metrics`` cuts whatever is left after the forward. A batch that is all repeats comes back whole
+        (every process runs its forward) and ``update_metrics`` counts nothing of it. Plain ints, no sync.
+        """
+        inputs, target = self.unpack_batch(batch)
+        epoch = self._lv.epochs.get(stage)
+        if epoch is None or dataloader_idx >= len(epoch.loaders):
+            return inputs, target  # update_metrics says why
+        return epoch.loaders[dataloader_idx].real(inputs, target)
 
     def update_metrics(self, stage: Stage, outputs: Any, target: Any, dataloader_idx: int = 0) -> Tensor | None:
         """Count one batch in ``stage``'s epoch values; return its loss (``None`` if it was all DDP padding).
@@ -369,14 +384,6 @@ class ValidationMixin(_Base):
                 raise
             raise type(err)(messages.criterion_error(criterion, outputs, target, err)) from err
         return batch if batch is not None else value_terms(loss, n, is_sum=is_sum, what="`compute_loss`")
-
-    def _lv_batch(self, stage: Stage, batch: Any, dataloader_idx: int) -> tuple[Any, Any]:
-        """``unpack_batch``, then DistributedSampler's repeats cut before the forward (a model's own loss is exact)."""
-        inputs, target = self.unpack_batch(batch)
-        epoch = self._lv.epochs.get(stage)
-        if epoch is None or dataloader_idx >= len(epoch.loaders):
-            return inputs, target  # update_metrics says why
-        return epoch.loaders[dataloader_idx].real(inputs, target)
 
     def _lv_metric_inputs(self, names: list[str], outputs: Any, target: Any) -> list[tuple[Any, ...]]:
         """The ``update`` arguments of each metric, from ``metric_inputs``."""

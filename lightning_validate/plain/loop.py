@@ -284,7 +284,7 @@ def _check_metrics(
 
 def _check_perplexity(perplexity: object, criterion: object, metrics: list[tuple[str, Metric]]) -> None:
     if not isinstance(perplexity, bool):
-        raise TypeError(f"Expected argument `perplexity` to be True or False but got {describe(perplexity)}.")
+        raise TypeError(f"Expected argument `perplexity` to be True or False but got {perplexity!r}.")
     if not perplexity:
         return
     if criterion is None or getattr(criterion, "reduction", "mean") == "sum":
