@@ -52,7 +52,10 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-__all__ = ["BatchLoss", "LossMean", "LossTerms", "batch_loss", "call_terms", "known", "sample_terms", "value_terms"]
+__all__ = [
+    "BatchLoss", "LossMean", "LossPlan", "LossTerms", "batch_loss", "call_terms", "known", "loss_plan",
+    "sample_terms", "value_terms",
+]
 
 
 class LossTerms(NamedTuple):
@@ -204,18 +207,76 @@ def known(criterion: object) -> bool:
     return _forward_of(criterion) is not None
 
 
+class LossPlan:
+    """How to read one known criterion's exact terms: built once (per epoch, per ``validate()`` call), used per batch.
+
+    Calling it calls the criterion and returns ``BatchLoss`` (see ``batch_loss``); ``terms`` does the same for a call
+    already made (``call_terms``). What can change between batches (the reduction, the class weights, the
+    ``ignore_index``) is read at each call; what cannot (which torch loss it is) is decided here, once.
+    """
+
+    __slots__ = ("class_index", "counted", "criterion", "linear", "partly_low")
+
+    def __init__(self, criterion: nn.Module, forward: Callable[..., Any]) -> None:
+        self.criterion = criterion
+        self.linear = forward in _LINEAR_CE
+        self.class_index = self.linear or forward in _CLASS_INDEX
+        self.counted = _COUNTED.get(forward)
+        self.partly_low = forward in _PARTLY_LOW_UNDER_AUTOCAST
+
+    def __call__(self, outputs: Any, target: Any) -> BatchLoss | None:
+        """Call the criterion on one batch; its value and weight, or ``None`` for outputs that are not a tensor."""
+        if not isinstance(outputs, Tensor) or not isinstance(target, Tensor):
+            return None  # structured outputs: the user's compute_loss says what the loss takes
+        return self.terms(outputs, target, self.criterion(outputs, target))
+
+    def terms(self, outputs: Tensor, target: Tensor, value: Tensor) -> BatchLoss | None:
+        """The terms of ``value = criterion(outputs, target)``, or ``None`` where no denominator is known."""
+        c: Any = self.criterion
+        weight: Tensor | int
+        if self.counted is not None:
+            weight = self.counted(c, outputs, target)
+        elif not target.is_floating_point():  # class indices (tokens, pixels): sum(w[y]) over those not ignored
+            ignore = c.ignore_index
+            kept = target != (-100 if ignore is None else ignore)
+            w: Tensor | None = c._buffers.get("weight")  # the class weights are a buffer of torch's losses
+            if w is None:
+                weight = kept.sum()  # int64: exact
+            else:  # float64 whatever the weights' own dtype (bfloat16 under bf16-true); float32 on MPS
+                dtype = torch.float32 if target.device.type == "mps" else torch.float64
+                weight = (w.take(target.masked_fill(~kept, 0)) * kept).sum(dtype=dtype)
+        elif self.linear:
+            return None  # class probabilities over features: no denominator known here
+        else:  # class probabilities: the mean over the elements, class weights not normalized
+            weight = outputs.numel() // outputs.shape[1] if outputs.ndim > 1 else 1
+        if value.dtype in _LOW_PRECISION or (self.partly_low and _autocast_on(outputs.device)):
+            with torch.no_grad(), torch.autocast(outputs.device.type, enabled=False):
+                total = _variant(c, "sum", torch.float32)(
+                    outputs.float(), target.float() if target.is_floating_point() else target
+                )
+            return BatchLoss(total, weight, True, value)
+        return BatchLoss(value, weight, c.reduction == "sum")
+
+
+def loss_plan(criterion: object) -> LossPlan | None:
+    """The ``LossPlan`` of a known criterion (``known``), else ``None``."""
+    forward = _forward_of(criterion)
+    if forward is None:
+        return None
+    assert isinstance(criterion, nn.Module)
+    return LossPlan(criterion, forward)
+
+
 def batch_loss(criterion: object, outputs: Any, target: Any) -> BatchLoss | None:
     """Call ``criterion(outputs, target)`` and return its value with its weight, or ``None`` for an unknown criterion.
 
     The value is the criterion's own result, computed by the criterion itself in the caller's context (autocast,
     hooks and all): the same value, dtype and gradient as calling it by hand. The weight is its ``reduction="mean"``
     denominator, from shapes or one small reduction on the device (``call_terms``). No host-device sync, and the
-    criterion is never modified.
+    criterion is never modified. A loop calls ``loss_plan(criterion)`` once and the plan per batch instead.
     """
-    if _forward_of(criterion) is None or not isinstance(outputs, Tensor) or not isinstance(target, Tensor):
-        return None
-    assert callable(criterion)
-    return call_terms(criterion, outputs, target, criterion(outputs, target))
+    plan = loss_plan(criterion)
+    return plan(outputs, target) if plan is not None else None
 
 
 def call_terms(criterion: object, outputs: Any, target: Any, value: Any) -> BatchLoss | None:
@@ -228,33 +289,16 @@ def call_terms(criterion: object, outputs: Any, target: Any, value: Any) -> Batc
     or float16 (``precision="bf16-true"``), the epoch's numerator is the criterion recomputed in float32 on the same
     outputs, so that the epoch value stays within float32 rounding of the float64 reference.
     """
-    forward = _forward_of(criterion)
+    plan = loss_plan(criterion)
     if (
-        forward is None
+        plan is None
         or not isinstance(outputs, Tensor)
         or not isinstance(target, Tensor)
         or not isinstance(value, Tensor)
         or value.ndim != 0
     ):
         return None
-    c: Any = criterion  # one of torch's loss modules: its attributes are known by the forward found above
-    weight: Tensor | int
-    if forward in _CLASS_INDEX or forward in _LINEAR_CE:
-        if not target.is_floating_point():
-            weight = _class_weight(c, target).sum(dtype=_weight_dtype(c, target))
-        elif forward in _LINEAR_CE:
-            return None  # class probabilities over features: no denominator known here
-        else:  # class probabilities: the mean over the elements, class weights not normalized
-            weight = outputs.numel() // outputs.shape[1] if outputs.ndim > 1 else 1
-    else:
-        weight = _COUNTED[forward](c, outputs, target)
-    is_sum = c.reduction == "sum"
-    if value.dtype in _LOW_PRECISION or (forward in _PARTLY_LOW_UNDER_AUTOCAST and _autocast_on(outputs.device)):
-        with torch.no_grad(), torch.autocast(outputs.device.type, enabled=False):
-            total = _variant(c, "sum", torch.float32)(outputs.float(), target.float() if target.is_floating_point()
-                                                     else target)
-        return BatchLoss(total, weight, True, value)
-    return BatchLoss(value, weight, is_sum)
+    return plan.terms(outputs, target, value)
 
 
 def _autocast_on(device: torch.device) -> bool:
@@ -262,13 +306,6 @@ def _autocast_on(device: torch.device) -> bool:
         return torch.is_autocast_enabled(device.type)
     except TypeError:  # torch < 2.4: no device argument
         return torch.is_autocast_cpu_enabled() if device.type == "cpu" else torch.is_autocast_enabled()
-
-
-def _weight_dtype(criterion: Any, target: Tensor) -> torch.dtype:
-    """Counts sum exactly as int64; class weights in float64 (float32 on MPS), whatever their own dtype (bf16-true)."""
-    if criterion.weight is None:
-        return torch.int64
-    return torch.float32 if target.device.type == "mps" else torch.float64
 
 
 def _class_weight(criterion: Any, target: Tensor) -> Tensor:

@@ -185,6 +185,9 @@ class Epoch:
     loaders: list[Loader] = field(default_factory=list)
     bar: RunningBar | None = None  # the TQDM or Rich bar showing running values
     perplexity: bool = False  # also `{stage}/ppl`: exp of the epoch loss (the mixin's `log_perplexity`)
+    #: The batch's loss terms ``(outputs, target, n, is_sum) -> BatchLoss``, chosen once for the epoch (``None``:
+    #: the LightningModule's general path, per batch).
+    loss_of: Callable[[Any, Any, int, bool], BatchLoss] | None = None
 
     def reduce(self, trainer: Any, device: torch.device) -> list[Totals]:
         """Sum the loaders' accumulators across ranks (one collective, plus one max for the target extremes)."""

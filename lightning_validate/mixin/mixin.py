@@ -42,7 +42,7 @@ from lightning_validate.metrics.batches import batch_size_of
 from lightning_validate.metrics.fast_accuracy import default_metrics
 from lightning_validate.metrics.inputs import split_inputs
 from lightning_validate.metrics.loss_calls import recorded_terms
-from lightning_validate.metrics.loss_terms import BatchLoss, LossMean, LossTerms, batch_loss, value_terms
+from lightning_validate.metrics.loss_terms import BatchLoss, LossMean, LossTerms, batch_loss, loss_plan, value_terms
 from lightning_validate.mixin import build, messages
 from lightning_validate.mixin.build import Stage
 from lightning_validate.mixin.run import CHECKPOINT_KEY, RunState
@@ -195,21 +195,18 @@ class ValidationMixin(_Base):
     @override
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor | None:
         """Forward, loss and metrics of one validation batch; returns its loss."""
-        inputs, target = self.real_batch("val", batch, dataloader_idx)
-        return self.update_metrics("val", self(inputs), target, dataloader_idx)
+        return self._lv_step("val", batch, dataloader_idx)
 
     @override
     def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor | None:
         """Forward, loss and metrics of one test batch; returns its loss."""
-        inputs, target = self.real_batch("test", batch, dataloader_idx)
-        return self.update_metrics("test", self(inputs), target, dataloader_idx)
-
+        return self._lv_step("test", batch, dataloader_idx)
 
     def real_batch(self, stage: Stage, batch: Any, dataloader_idx: int = 0) -> tuple[Any, Any]:
         """``unpack_batch(batch)`` without the samples ``DistributedSampler`` repeated to pad this process.
 
-        The default steps call it before the forward, so that what the model computes from the batch itself (its
-        own ``outputs.loss``, generated text) covers real samples only; call it in your own step for the same.
+        Call it in your own step so that what the model computes from the batch itself (its own ``outputs.loss``,
+        generated text) covers real samples only; the default steps do so when ``compute_loss`` is overridden.
         ``update_metrics`` cuts whatever is left after the forward. A batch that is all repeats comes back whole
         (every process runs its forward) and ``update_metrics`` counts nothing of it. Plain ints, no sync.
         """
@@ -229,7 +226,7 @@ class ValidationMixin(_Base):
         if epoch is None or dataloader_idx >= len(epoch.loaders):
             raise RuntimeError(messages.outside_epoch(stage, dataloader_idx, epoch is not None))
         return epoch.loaders[dataloader_idx].update(
-            outputs, target, inputs_of=self._lv_metric_inputs, loss_of=self._lv_loss, bar=epoch.bar
+            outputs, target, inputs_of=self._lv_metric_inputs, loss_of=epoch.loss_of or self._lv_loss, bar=epoch.bar
         )
 
     # ----------------------------------------------------------------------------------------------------------
@@ -350,7 +347,9 @@ class ValidationMixin(_Base):
 
     def _lv_begin(self, stage: Stage) -> None:
         build.prepare(self, self._lv, self._lv_default_loss())
-        self._lv.open(build.open_epoch(self, self._lv, stage, self._lv_default_loss()))
+        epoch = build.open_epoch(self, self._lv, stage, self._lv_default_loss())
+        epoch.loss_of = self._lv_criterion_loss()
+        self._lv.open(epoch)
 
     def _lv_end(self, stage: Stage) -> dict[str, float]:
         """Reduce across processes, report bad values, log; return the values for the history."""
@@ -369,6 +368,30 @@ class ValidationMixin(_Base):
                      add_dataloader_idx=False)  # the suffix is ours: dataloader_idx_<i> or the user's name
         return values
 
+    def _lv_criterion_loss(self) -> Callable[[Any, Any, int, bool], BatchLoss] | None:
+        """The epoch's loss path when ``compute_loss`` is the default and ``criterion`` a torch loss, else ``None``.
+
+        Decided once per epoch, so a batch pays only for the criterion and its weight; a criterion replaced during
+        the epoch goes the general way (``_lv_loss``).
+        """
+        if getattr(self.compute_loss, "__func__", None) is not ValidationMixin.compute_loss:
+            return None
+        criterion = getattr(self, "criterion", None)
+        plan = loss_plan(criterion)
+        if plan is None:
+            return None
+
+        def loss_of(outputs: Any, target: Any, n: int, is_sum: bool) -> BatchLoss:
+            if self.criterion is not criterion:
+                return self._lv_loss(outputs, target, n, is_sum)
+            try:
+                batch = plan(outputs, target)
+            except (RuntimeError, ValueError, IndexError) as err:
+                raise type(err)(messages.criterion_error(criterion, outputs, target, err)) from err
+            return batch if batch is not None else self._lv_loss(outputs, target, n, is_sum)
+
+        return loss_of
+
     def _lv_loss(self, outputs: Any, target: Any, n: int, is_sum: bool) -> BatchLoss:
         """The batch's loss and its weight: exact terms for a torch criterion, else what ``compute_loss`` returns."""
         # The default compute_loss (not overridden in the class or on the instance) calls the criterion: see into it.
@@ -384,6 +407,22 @@ class ValidationMixin(_Base):
                 raise
             raise type(err)(messages.criterion_error(criterion, outputs, target, err)) from err
         return batch if batch is not None else value_terms(loss, n, is_sum=is_sum, what="`compute_loss`")
+
+    def _lv_step(self, stage: Stage, batch: Any, dataloader_idx: int) -> Tensor | None:
+        """``real_batch``, the forward and ``update_metrics`` in one: one look-up of the loader per batch."""
+        inputs, target = self.unpack_batch(batch)
+        epoch = self._lv.epochs.get(stage)
+        if epoch is None or dataloader_idx >= len(epoch.loaders):
+            raise RuntimeError(messages.outside_epoch(stage, dataloader_idx, epoch is not None))
+        loader = epoch.loaders[dataloader_idx]
+        if loader.padding.limit is not None and epoch.loss_of is None:
+            # Under DDP, when your compute_loss computes the loss (it may be the model's own): the repeated samples
+            # left out before the forward. The mixin's own criterion path cuts the outputs after it, as it always did.
+            inputs, target = loader.real(inputs, target)
+        outputs = self(inputs)
+        return loader.update(
+            outputs, target, inputs_of=self._lv_metric_inputs, loss_of=epoch.loss_of or self._lv_loss, bar=epoch.bar
+        )
 
     def _lv_metric_inputs(self, names: list[str], outputs: Any, target: Any) -> list[tuple[Any, ...]]:
         """The ``update`` arguments of each metric, from ``metric_inputs``."""

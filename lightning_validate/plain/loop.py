@@ -44,7 +44,7 @@ from lightning_validate.metrics.batches import batch_size_of, describe, to_devic
 from lightning_validate.metrics.checks import check_metric_dict
 from lightning_validate.metrics.inputs import split_inputs, update_metric
 from lightning_validate.metrics.loss_calls import recorded_terms
-from lightning_validate.metrics.loss_terms import LossMean, LossTerms, batch_loss, value_terms
+from lightning_validate.metrics.loss_terms import LossMean, LossTerms, loss_plan, value_terms
 from lightning_validate.metrics.perplexity import PPL
 from lightning_validate.metrics.perplexity import perplexity as perplexity_of
 from lightning_validate.metrics.states import restore_states, save_states
@@ -232,6 +232,7 @@ def _run(
     loss = None
     if criterion is not None:
         loss = LossAccumulator("sum" if getattr(criterion, "reduction", "mean") == "sum" else "mean")
+    plan = loss_plan(criterion)  # a torch loss: its own value, with its numerator's denominator beside it
     seen = 0
     for batch in dataloader:
         batch = to_device(batch, device)
@@ -243,7 +244,7 @@ def _run(
         n = _batch_size(target, outputs)
         if loss is not None:
             assert criterion is not None
-            terms = batch_loss(criterion, outputs, target)  # a torch loss: its own numerator and denominator
+            terms = plan(outputs, target) if plan is not None else None
             if terms is None:  # any other callable: the terms of the torch loss call it returns, if any
                 value, terms = recorded_terms(criterion, outputs, target, is_sum=loss.reduction == "sum")
                 if terms is None:

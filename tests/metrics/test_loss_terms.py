@@ -201,7 +201,10 @@ def test_value_terms_from_a_loss_not_seen_into() -> None:
 PRECISIONS = ["64-true", "bf16-mixed", "bf16-true"]
 
 
-def in_precision(case: Case, precision: str) -> tuple[nn.Module, list[tuple[Tensor, Tensor]], contextlib.AbstractContextManager[object]]:
+Batches = list[tuple[Tensor, Tensor]]
+
+
+def in_precision(case: Case, precision: str) -> tuple[nn.Module, Batches, contextlib.AbstractContextManager[object]]:
     """The criterion, the batches and the context of a step under Lightning's ``precision``.
 
     ``bf16-true`` converts the model (the criterion's weight buffers too) and its outputs to bfloat16; under
