@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
-from lightning_validate.metrics.loss_terms import BatchLoss, call_terms
+from lightning_validate.metrics.loss_terms import BatchLoss, LossPlan, loss_plan
 
 __all__ = ["recorded_terms"]
 
@@ -69,9 +69,9 @@ _MODULE_OF: dict[Callable[..., Any], type[nn.Module]] = {
 #: The deprecated reduction arguments: a call that sets them is not read (its reduction is spelled another way).
 _LEGACY = ("size_average", "reduce")
 
-#: Loss modules built for calls without tensor arguments, by class and arguments: one per distinct call, not per batch.
-_MODULES: dict[tuple[Any, ...], nn.Module] = {}
-_MAX_MODULES = 64
+#: The plans of loss modules built for calls without tensor arguments, by class and arguments: one per distinct call.
+_PLANS: dict[tuple[Any, ...], LossPlan | None] = {}
+_MAX_PLANS = 64
 
 
 class _LossCalls(TorchFunctionMode):
@@ -116,25 +116,23 @@ def recorded_terms(
 def _terms(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], value: Tensor,
            is_sum: bool) -> BatchLoss | None:
     """``call_terms`` for one recorded call, through the loss module that makes the same call."""
-    signature, first, second = _parameters(func)
-    try:
-        arguments = signature.bind(*args, **kwargs).arguments
-    except TypeError:  # not a call torch's own signature accepts: not read
-        return None
+    names = _parameters(func)
+    # The call succeeded, so its arguments bind to the function's parameters: by position, then by name.
+    arguments = dict(zip(names, args, strict=False))  # fewer positional arguments than parameters
+    arguments.update(kwargs)
     if (arguments.get("reduction", "mean") == "sum") != is_sum:
         return None
-    criterion = _module(func, arguments, first, second)
-    if criterion is None:
+    outputs, target = arguments.get(names[0]), arguments.get(names[1])
+    if not isinstance(outputs, Tensor) or not isinstance(target, Tensor) or value.ndim != 0:
         return None
-    return call_terms(criterion, arguments.get(first), arguments.get(second), value)
+    plan = _plan(func, arguments, names)
+    return None if plan is None else plan.terms(outputs, target, value)
 
 
 @cache
-def _parameters(func: Callable[..., Any]) -> tuple[inspect.Signature, str, str]:
-    """The loss function's signature and the names of its first two parameters (input and target)."""
-    signature = inspect.signature(func)
-    first, second = list(signature.parameters)[:2]
-    return signature, first, second
+def _parameters(func: Callable[..., Any]) -> tuple[str, ...]:
+    """The loss function's parameter names, input and target first."""
+    return tuple(inspect.signature(func).parameters)
 
 
 @cache
@@ -143,30 +141,35 @@ def _init_parameters(func: Callable[..., Any]) -> frozenset[str]:
     return frozenset(inspect.signature(_MODULE_OF[func].__init__).parameters) - {"self", *_LEGACY}
 
 
-def _module(func: Callable[..., Any], arguments: dict[str, Any], first: str, second: str) -> nn.Module | None:
-    """The loss module whose forward makes this call, or ``None`` if no module makes it (e.g. ``mse_loss(weight=)``)."""
+def _plan(func: Callable[..., Any], arguments: dict[str, Any], names: tuple[str, ...]) -> LossPlan | None:
+    """How to read the terms of the loss module whose forward makes this call; ``None`` if no module makes it.
+
+    ``mse_loss(weight=...)`` is such a call. Kept per distinct call without tensor arguments: a batch builds nothing.
+    """
     cls = _MODULE_OF[func]
     accepted = _init_parameters(func)
     init: dict[str, Any] = {}
+    tensors = False
     for name, given in arguments.items():
-        if name in (first, second):
+        if name == names[0] or name == names[1]:
             continue
         if name in _LEGACY:
             if given is not None:
                 return None
         elif name in accepted:
             init[name] = given
+            tensors = tensors or isinstance(given, Tensor)
         elif given is not None:  # an argument the module lacks (the functional `weight` of mse_loss, l1_loss)
             return None
+    if tensors:  # class weights: built for this call, never kept (a tensor's id can be reused)
+        return loss_plan(cls(**init))
     key = (cls, *sorted(init.items()))
-    if any(isinstance(v, Tensor) for v in init.values()):
-        return cls(**init)  # class weights: built for this call, never kept (a tensor's id can be reused)
     try:
-        criterion = _MODULES.get(key)
+        plan = _PLANS.get(key)
     except TypeError:  # an unhashable argument: built for this call
-        return cls(**init)
-    if criterion is None:
-        if len(_MODULES) >= _MAX_MODULES:
-            _MODULES.clear()
-        criterion = _MODULES[key] = cls(**init)
-    return criterion
+        return loss_plan(cls(**init))
+    if plan is None:
+        if len(_PLANS) >= _MAX_PLANS:
+            _PLANS.clear()
+        plan = _PLANS[key] = loss_plan(cls(**init))
+    return plan
