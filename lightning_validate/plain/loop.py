@@ -149,9 +149,9 @@ def validate(
     Raises:
         TypeError: if ``metrics`` are not torchmetrics objects, a batch cannot be unpacked as ``(inputs, target)``,
             ``step`` does not return ``(outputs, target)``, the criterion returns neither a float tensor nor
-            ``LossTerms``/``LossMean``, ``perplexity`` is not a bool, ``metric_inputs`` returns something else than a tuple or a dict of tuples, a metric fails
-            on inputs that are not tensors (the message gives the ``metric_inputs`` to write), or a metric computes
-            something other than a scalar.
+            ``LossTerms``/``LossMean``, ``perplexity`` is not a bool, ``metric_inputs`` returns something else than
+            a tuple or a dict of tuples, a metric fails on inputs that are not tensors (the message gives the
+            ``metric_inputs`` to write), or a metric computes something other than a scalar.
         ValueError: if neither ``criterion`` nor ``metrics`` is given, a metric is named ``"loss"`` next to a
             criterion (or ``"ppl"`` with ``perplexity``), ``perplexity`` has no mean criterion, two results share a
             name, the dataloader yields no batch, or the criterion returns a
