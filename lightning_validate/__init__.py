@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from lightning_validate.__about__ import __version__
 from lightning_validate.engine import Snapshot, compare, take_snapshot
 from lightning_validate.findings import CODES, Finding, ModeCheckError, ModeCheckWarning
-from lightning_validate.metrics.loss_terms import LossTerms
+from lightning_validate.metrics.loss_terms import LossMean, LossTerms
 from lightning_validate.plain.context import evaluating
 
 if TYPE_CHECKING:
@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CODES",
     "Finding",
+    "LossMean",
     "LossTerms",
     "ModeCheck",
     "ModeCheckError",

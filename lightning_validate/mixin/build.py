@@ -30,6 +30,7 @@ from lightning_validate.findings import Policy
 from lightning_validate.metrics.accumulators import LossAccumulator, TargetRange
 from lightning_validate.metrics.checks import check_metrics
 from lightning_validate.metrics.padding import PaddingFilter, real_samples
+from lightning_validate.metrics.perplexity import PPL
 from lightning_validate.mixin import messages
 from lightning_validate.mixin.bars import running_bar
 from lightning_validate.mixin.epoch import Epoch, Loader, data_parallel_group
@@ -40,6 +41,7 @@ from lightning_validate.stages import TrainerFn
 __all__ = [
     "DEFAULTS",
     "Stage",
+    "check_perplexity",
     "prepare",
     "container",
     "dataloader_names",
@@ -95,8 +97,23 @@ def prepare(model: Any, state: RunState, default_loss: bool) -> None:
     Throttle(model.progress_interval)  # validates the interval now, not at the first batch
     state.num_classes = num_classes_of(model)
     with torch.inference_mode(False):  # states made under inference_mode could not be updated later
-        state.templates = check_metrics(model.configure_metrics())
+        templates = check_metrics(model.configure_metrics())
+    check_perplexity(model, templates)
+    state.templates = templates
     state.default_in_use = any(m in DEFAULTS for m in state.templates.values())
+
+
+def check_perplexity(model: Any, templates: Mapping[str, Metric]) -> None:
+    """``log_perplexity``: a bool; with it, a mean loss (``exp`` of a sum is no perplexity) and no metric ``ppl``."""
+    flag = model.log_perplexity
+    if not isinstance(flag, bool):
+        raise TypeError(f"Expected attribute `log_perplexity` to be True or False but got {flag!r}.")
+    if not flag:
+        return
+    if getattr(getattr(model, "criterion", None), "reduction", "mean") == "sum":
+        raise ValueError(messages.PERPLEXITY_OF_SUM)
+    if PPL in templates:
+        raise ValueError(messages.PERPLEXITY_NAME)
 
 
 def dataloader_names(model: Any, stage: Stage) -> Sequence[str] | None:
@@ -197,7 +214,7 @@ def open_epoch(model: Any, state: RunState, stage: Stage, default_loss: bool) ->
     templates = state.templates or {}
     defaults = frozenset(n for n, m in templates.items() if m in DEFAULTS) if use_metrics else frozenset()
     group = data_parallel_group(trainer.strategy)
-    epoch = Epoch(stage)
+    epoch = Epoch(stage, perplexity=model.log_perplexity)
     for i, (dl, suffix) in enumerate(zip(loaders, suffixes, strict=True)):
         made = container(model, state, stage, i, register=False)
         with torch.inference_mode(False):  # fresh states that a later `fit` can update in place
