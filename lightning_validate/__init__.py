@@ -27,7 +27,7 @@ from lightning_validate.__about__ import __version__
 from lightning_validate.engine import Snapshot, compare, take_snapshot
 from lightning_validate.findings import CODES, Finding, ModeCheckError, ModeCheckWarning
 from lightning_validate.metrics.intervals import Intervals
-from lightning_validate.metrics.loss_terms import LossTerms
+from lightning_validate.metrics.loss_terms import LossMean, LossTerms
 from lightning_validate.metrics.paired import PairedReport
 from lightning_validate.metrics.records import SampleRecord
 from lightning_validate.plain.context import evaluating
@@ -42,6 +42,7 @@ __all__ = [
     "CODES",
     "Finding",
     "Intervals",
+    "LossMean",
     "LossTerms",
     "ModeCheck",
     "ModeCheckError",

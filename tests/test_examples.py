@@ -7,6 +7,7 @@ output are what is tested.
 from __future__ import annotations
 
 import csv
+import math
 import re
 import subprocess
 import sys
@@ -93,3 +94,18 @@ def test_cli_example_prints_nothing_the_user_did_not_cause(tmp_path: Path) -> No
                "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false")
     assert "Tip" not in out and "tensorboard" not in out.lower() and "Warning" not in out, out
     assert "ModeCheck (fit): " in out and "no findings" in out, out
+
+
+def test_language_model_logs_one_loss_and_ppl_at_every_batch_size() -> None:
+    out = _run(str(EXAMPLES / "language_model.py"), "--fast", "--no-progress-bar")
+    rows = re.findall(r"^\s+(1|8|64)\s+(\d\.\d{6})\s+(\d+\.\d{4})\s+(\d\.\d{4})\s+\|\s+(\d\.\d{6})\s+(\d+\.\d{4})$",
+                      out, re.M)
+    assert [row[0] for row in rows] == ["1", "8", "64"], out
+    reference = re.search(r"token mean over the set \(a plain float64 loop\): (\d\.\d{6}), perplexity (\d+\.\d{4})",
+                          out)
+    assert reference, out
+    assert {row[1:4] for row in rows} == {(reference.group(1), reference.group(2), rows[0][3])}, out  # one value
+    assert abs(float(rows[0][1]) - math.log(float(rows[0][2]))) < 1e-4
+    assert 0 <= float(rows[0][3]) <= 1
+    assert abs(float(rows[0][4]) - float(reference.group(1))) > 1e-3, out  # batch means at batch size 1: off
+    assert "Warning" not in out, out

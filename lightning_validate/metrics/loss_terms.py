@@ -53,8 +53,8 @@ import torch
 from torch import Tensor, nn
 
 __all__ = [
-    "BatchLoss", "LossPlan", "LossTerms", "batch_loss", "call_terms", "known", "loss_plan", "sample_terms",
-    "value_terms",
+    "BatchLoss", "LossMean", "LossPlan", "LossTerms", "batch_loss", "call_terms", "known", "loss_plan",
+    "sample_terms", "value_terms",
 ]
 
 
@@ -80,20 +80,45 @@ class LossTerms(NamedTuple):
     weight: Tensor | float
 
 
+class LossMean(NamedTuple):
+    """A batch's loss that is already a mean over ``weight`` elements, e.g. the tokens a language model scored.
+
+    Return it from ``compute_loss`` (``ValidationMixin``) or from a ``criterion`` (``validate()``) when the loss was
+    computed elsewhere, such as a Hugging Face model's own ``outputs.loss`` (the mean over the labels that are not
+    ``-100``, after the shift for a causal LM). The step returns ``mean`` itself, the very tensor (with its
+    gradient); the epoch value is ``sum of mean * weight / sum of weight`` over the batches, the mean over every
+    element of the set:
+
+    ```python
+    def compute_loss(self, outputs, target):                      # a causal LM: the labels are shifted inside
+        return LossMean(outputs.loss, weight=(target[:, 1:] != -100).sum())
+    ```
+
+    Attributes:
+        mean: the batch's mean, a 0-dim float tensor.
+        weight: how many elements it averages, a 0-dim tensor or a number; a batch of weight 0 adds nothing (its
+            mean is nan).
+    """
+
+    mean: Tensor
+    weight: Tensor | float
+
+
 class BatchLoss(NamedTuple):
     """One batch: ``value`` is the batch's loss (a mean over ``weight``, or a sum), ``weight`` its denominator.
 
     With ``is_sum`` the value is a numerator: the batch adds ``value`` (and ``weight``) to the epoch sums;
     otherwise it adds ``value * weight`` (0 when ``weight`` is 0, where ``value`` is nan). ``loss`` is what a
     step returns (for backward) when it is not ``value``. ``per_sample`` is the per-sample loss a criterion
-    returned (``value_terms``), kept as it came (nothing computed), for the loss's interval (``metrics.uncertainty``).
+    returned, or its per-row ``LossTerms`` (``value_terms``), kept as they came (nothing computed), for the loss's
+    interval (``metrics.uncertainty``).
     """
 
     value: Tensor
     weight: Tensor | float
     is_sum: bool = False
     loss: Tensor | None = None
-    per_sample: Tensor | None = None
+    per_sample: Tensor | LossTerms | None = None
 
     @property
     def step_loss(self) -> Tensor:
@@ -299,7 +324,10 @@ def _class_weight(criterion: Any, target: Tensor) -> Tensor:
 def value_terms(value: Any, batch_size: int, *, is_sum: bool = False, what: str = "the loss function") -> BatchLoss:
     """Read what a ``compute_loss``/criterion the library cannot see into returned for a batch of ``batch_size``.
 
-    - ``LossTerms(sum, weight)``: exact, as given;
+    - ``LossTerms(sum, weight)``: exact, as given; also one ``sum`` per row (shape ``(batch_size,)``, with one
+      weight per row or one for all): the batch's terms are their sums, and the rows are kept as ``per_sample`` for
+      the loss's interval (a language model's per-sequence token losses and token counts);
+    - ``LossMean(mean, weight)``: exact, as given; the step's loss is ``mean`` itself;
     - a tensor with a leading batch dimension (per sample, or per element): every value counts once, so the epoch
       value is the mean of all of them;
     - a 0-dim tensor: the batch mean (or the batch sum when ``is_sum``), weighted by ``batch_size``: exact only when
@@ -309,21 +337,30 @@ def value_terms(value: Any, batch_size: int, *, is_sum: bool = False, what: str 
         TypeError: for anything else (``what`` names the source in the message).
         ValueError: when the leading dimension is not ``batch_size``.
     """
-    if isinstance(value, LossTerms):
+    if isinstance(value, LossTerms) and _one_per_row(value, batch_size):
         total, weight = value
+        batch_weight = weight.sum() if isinstance(weight, Tensor) else weight * batch_size
+        batch_sum = total.sum()
+        return BatchLoss(batch_sum, batch_weight, True, batch_sum / batch_weight, value)
+    if isinstance(value, (LossTerms, LossMean)):
+        total, weight = value
+        kind, field = ("LossTerms", "sum") if isinstance(value, LossTerms) else ("LossMean", "mean")
         if not isinstance(total, Tensor) or total.ndim != 0 or not total.is_floating_point():
-            raise TypeError(f"Expected `LossTerms.sum` from {what} to be a 0-dim float tensor but got "
+            rows = f" or one per row, of shape ({batch_size},)" if kind == "LossTerms" else ""
+            raise TypeError(f"Expected `{kind}.{field}` from {what} to be a 0-dim float tensor{rows} but got "
                             f"{_describe(total)}.")
         if isinstance(weight, Tensor) and weight.ndim == 0:
             pass
         elif isinstance(weight, bool) or not isinstance(weight, (int, float)):
-            raise TypeError(f"Expected `LossTerms.weight` from {what} to be a 0-dim tensor or a number but got "
+            raise TypeError(f"Expected `{kind}.weight` from {what} to be a 0-dim tensor or a number but got "
                             f"{_describe(weight)}.")
+        if isinstance(value, LossMean):
+            return BatchLoss(total, weight)
         return BatchLoss(total, weight, True, total / weight)
     if not isinstance(value, Tensor) or not value.is_floating_point():
         raise TypeError(
-            f"Expected {what} to return a float tensor (the batch mean or one loss per sample) or "
-            f"`LossTerms(sum, weight)` but got {_describe(value)}."
+            f"Expected {what} to return a float tensor (the batch mean or one loss per sample), "
+            f"`LossTerms(sum, weight)` or `LossMean(mean, weight)` but got {_describe(value)}."
         )
     if value.ndim == 0:
         return BatchLoss(value, batch_size, is_sum)
@@ -334,6 +371,17 @@ def value_terms(value: Any, batch_size: int, *, is_sum: bool = False, what: str 
             "`LossTerms(sum, weight)`."
         )
     return BatchLoss(value.sum(), value.numel(), True, value.mean(), value)
+
+
+def _one_per_row(terms: LossTerms, batch_size: int) -> bool:
+    """Whether ``terms`` holds one float ``sum`` per row of the batch, with one weight per row or one for all."""
+    total, weight = terms
+    if not isinstance(total, Tensor) or total.ndim != 1 or total.shape[0] != batch_size or not (
+            total.is_floating_point()):
+        return False
+    if isinstance(weight, Tensor):
+        return weight.shape == total.shape
+    return isinstance(weight, (int, float)) and not isinstance(weight, bool)
 
 
 def sample_terms(criterion: nn.Module, outputs: Tensor, target: Tensor, dtype: torch.dtype | None = None) -> LossTerms:

@@ -7,8 +7,8 @@ entries are the global positions ``>= len(dataset)``, and rank ``r``'s ``k``-th 
 
 Example:
     >>> f = PaddingFilter(limit=5)  # this rank's sampler yields 6 samples; the last one is padding
-    >>> f.keep(4), f.keep(2)
-    (4, 1)
+    >>> f.keep(4), f.peek(2), f.keep(2)
+    (4, 1, 1)
 
 """
 
@@ -51,6 +51,12 @@ class PaddingFilter:
     def __init__(self, limit: int | None = None) -> None:
         self.limit = limit
         self.offset = 0
+
+    def peek(self, n: int) -> int:
+        """How many leading samples of the next batch of ``n`` are real, without advancing (``keep`` advances)."""
+        if self.limit is None or self.offset + n <= self.limit:
+            return n
+        return max(0, self.limit - self.offset)
 
     def keep(self, n: int) -> int:
         """Advance by a batch of ``n`` samples; return how many of its leading samples are real."""

@@ -74,7 +74,7 @@ from torchmetrics.wrappers import ClasswiseWrapper
 
 from lightning_validate.metrics.bootstrap import PoissonWeights, Replicated, Unsupported, _Pairs, family_of
 from lightning_validate.metrics.intervals import NO_INTERVAL, Interval, Intervals, percentile, t_interval, wilson
-from lightning_validate.metrics.loss_terms import BatchLoss, known, loss_plan, sample_terms
+from lightning_validate.metrics.loss_terms import BatchLoss, LossTerms, known, loss_plan, sample_terms
 from lightning_validate.metrics.ratio import RatioAccumulator, RatioEstimate
 from lightning_validate.metrics.records import SampleRecord, fingerprints
 
@@ -567,9 +567,10 @@ class EvaluationIntervals:
             assert isinstance(criterion, nn.Module)
             return _Ratio("loss", _criterion_rows(criterion))
         return _Ratio("loss", _unused, why_not=(
-            f"No interval for `{self.label('loss')}`: the loss came as one value per batch (a mean or "
+            f"No interval for `{self.label('loss')}`: the loss came as one value per batch (a mean, `LossMean` or "
             "`LossTerms(sum, weight)` of the batch), and the interval needs each sample's: return one loss per "
-            "sample (`reduction='none'`) from your `compute_loss` or criterion."
+            "sample (`reduction='none'`), or `LossTerms` with one sum and weight per row (a sequence's summed token "
+            "losses and its tokens), from your `compute_loss` or criterion."
         ))
 
     def _metric_estimator(self, name: str, metric: Metric) -> _Estimator | None:
@@ -626,13 +627,17 @@ class EvaluationIntervals:
         if self._loss is not None:
             if self._loss.rows is _unused:
                 per_sample = batch.per_sample if batch is not None else None
-                if isinstance(per_sample, Tensor) and per_sample.ndim and per_sample.shape[0] == n:
+                terms: tuple[Tensor, Tensor | float] | None = None
+                if isinstance(per_sample, LossTerms):  # per-row terms of your own (a sequence's tokens)
+                    terms = (per_sample.sum, per_sample.weight)
+                elif isinstance(per_sample, Tensor) and per_sample.ndim and per_sample.shape[0] == n:
                     terms = _per_row(per_sample, n)
+                if terms is None:
+                    self._loss.missing += 1
+                else:
                     self._loss.acc.add(*terms)
                     if self._loss.record is not None:
                         self._loss.record.add(_pairs(*terms))
-                else:
-                    self._loss.missing += 1
             else:
                 self._loss.update((outputs, target), n, weights)
         for i, estimator in self._by_metric:

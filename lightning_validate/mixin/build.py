@@ -32,6 +32,7 @@ from lightning_validate.metrics.checks import check_metrics
 from lightning_validate.metrics.intervals import Intervals, intervals_from
 from lightning_validate.metrics.loss_terms import known
 from lightning_validate.metrics.padding import PaddingFilter, real_samples, sampler_layout
+from lightning_validate.metrics.perplexity import PPL
 from lightning_validate.metrics.uncertainty import EvaluationIntervals
 from lightning_validate.mixin import messages
 from lightning_validate.mixin.bars import running_bar
@@ -43,6 +44,7 @@ from lightning_validate.stages import TrainerFn
 __all__ = [
     "DEFAULTS",
     "Stage",
+    "check_perplexity",
     "prepare",
     "container",
     "dataloader_names",
@@ -99,8 +101,23 @@ def prepare(model: Any, state: RunState, default_loss: bool) -> None:
     intervals_from(model.confidence, "attribute `confidence`")
     state.num_classes = num_classes_of(model)
     with torch.inference_mode(False):  # states made under inference_mode could not be updated later
-        state.templates = check_metrics(model.configure_metrics())
+        templates = check_metrics(model.configure_metrics())
+    check_perplexity(model, templates)
+    state.templates = templates
     state.default_in_use = any(m in DEFAULTS for m in state.templates.values())
+
+
+def check_perplexity(model: Any, templates: Mapping[str, Metric]) -> None:
+    """``log_perplexity``: a bool; with it, a mean loss (``exp`` of a sum is no perplexity) and no metric ``ppl``."""
+    flag = model.log_perplexity
+    if not isinstance(flag, bool):
+        raise TypeError(f"Expected attribute `log_perplexity` to be True or False but got {flag!r}.")
+    if not flag:
+        return
+    if getattr(getattr(model, "criterion", None), "reduction", "mean") == "sum":
+        raise ValueError(messages.PERPLEXITY_OF_SUM)
+    if PPL in templates:
+        raise ValueError(messages.PERPLEXITY_NAME)
 
 
 def dataloader_names(model: Any, stage: Stage) -> Sequence[str] | None:
@@ -214,7 +231,7 @@ def open_epoch(model: Any, state: RunState, stage: Stage, default_loss: bool) ->
     group = data_parallel_group(trainer.strategy)
     # Intervals for evaluations only: training values come from a model that changes from batch to batch.
     spec = intervals_from(model.confidence, "attribute `confidence`") if stage != "train" else None
-    epoch = Epoch(stage)
+    epoch = Epoch(stage, perplexity=model.log_perplexity)
     for i, (dl, suffix) in enumerate(zip(loaders, suffixes, strict=True)):
         made = container(model, state, stage, i, register=False)
         with torch.inference_mode(False):  # fresh states that a later `fit` can update in place

@@ -39,6 +39,7 @@ from lightning_validate.metrics.inputs import fix_code, update_metric
 from lightning_validate.metrics.intervals import interval_names
 from lightning_validate.metrics.loss_terms import BatchLoss
 from lightning_validate.metrics.padding import PaddingFilter, take_first
+from lightning_validate.metrics.perplexity import PPL, perplexity
 from lightning_validate.metrics.states import local_value
 from lightning_validate.metrics.uncertainty import EvaluationIntervals
 from lightning_validate.mixin import messages
@@ -118,6 +119,23 @@ class Loader:
             _show_running(bar, self)
         return batch.step_loss
 
+    def real(self, inputs: Any, target: Any) -> tuple[Any, Any]:
+        """A batch before its forward, without the samples DistributedSampler repeated: the forward sees real ones.
+
+        Then a loss the model computes itself (``outputs.loss``) covers the real samples only, and ``update`` has
+        nothing left to cut. A batch that is all repeats is kept whole: the forward runs on every rank (FSDP gathers
+        parameters in it), and ``update`` then counts nothing of it. Plain ints, as in ``update``: no sync.
+        """
+        if self.padding.limit is None:
+            return inputs, target
+        n = batch_size_of(target)
+        if n is None:
+            return inputs, target
+        keep = self.padding.peek(n)
+        if keep in (0, n):
+            return inputs, target
+        return take_first(inputs, n, keep), take_first(target, n, keep)
+
     def _check_defaults(self, inputs: list[tuple[Any, ...]], outputs: Any, target: Any) -> None:
         """The default accuracy takes class scores in dimension 1 and integer targets; else the fix, as code."""
         for (name, _), args in zip(self.metrics, inputs, strict=True):
@@ -172,6 +190,7 @@ class Epoch:
     stage: str
     loaders: list[Loader] = field(default_factory=list)
     bar: RunningBar | None = None  # the TQDM or Rich bar showing running values
+    perplexity: bool = False  # also `{stage}/ppl`: exp of the epoch loss (the mixin's `log_perplexity`)
     #: The batch's loss terms ``(outputs, target, n, is_sum) -> BatchLoss``, chosen once for the epoch (``None``:
     #: the LightningModule's general path, per batch).
     loss_of: Callable[[Any, Any, int, bool], BatchLoss] | None = None
@@ -216,7 +235,9 @@ class Epoch:
         for loader, sums in zip(self.loaders, totals, strict=True):
             if sums.batches == 0:  # nothing counted (a custom step that did not call update_metrics)
                 continue
-            values[f"{self.stage}/loss{loader.suffix}"] = loader.loss.value(sums.total, sums.weight)
+            values[f"{self.stage}/loss{loader.suffix}"] = loss = loader.loss.value(sums.total, sums.weight)
+            if self.perplexity:
+                values[f"{self.stage}/{PPL}{loader.suffix}"] = perplexity(loss)
             for name, metric in loader.metrics:
                 key = f"{self.stage}/{name}{loader.suffix}"
                 with warnings.catch_warnings():

@@ -42,7 +42,8 @@ from lightning_validate.metrics.batches import batch_size_of
 from lightning_validate.metrics.fast_accuracy import default_metrics
 from lightning_validate.metrics.inputs import split_inputs
 from lightning_validate.metrics.intervals import Intervals
-from lightning_validate.metrics.loss_terms import BatchLoss, LossTerms, batch_loss, loss_plan, value_terms
+from lightning_validate.metrics.loss_calls import recorded_terms
+from lightning_validate.metrics.loss_terms import BatchLoss, LossMean, LossTerms, batch_loss, loss_plan, value_terms
 from lightning_validate.metrics.records import SampleRecord
 from lightning_validate.mixin import build, messages
 from lightning_validate.mixin.build import Stage
@@ -70,8 +71,9 @@ class ValidationMixin(_Base):
     ``training_step``, ``setup``, ``teardown``, the ``on_{train,validation,test}_epoch_{start,end}`` hooks,
     ``on_{validation,test,predict}_model_eval`` and ``on_{save,load}_checkpoint``. A method you define wins (your
     class comes first in the MRO). If you override a step, call
-    ``return self.update_metrics("val", self(x), y, dataloader_idx)`` in it to keep the epoch metrics; if you
-    override any of the hooks, call ``super()`` in it.
+    ``return self.update_metrics("val", self(x), y, dataloader_idx)`` in it to keep the epoch metrics (and
+    ``x, y = self.real_batch("val", batch, dataloader_idx)`` to leave DDP's repeated samples out of the forward);
+    if you override any of the hooks, call ``super()`` in it.
 
     What is logged, once per epoch: ``val/loss`` and ``val/<name>`` (``test/...``); with several dataloaders
     ``val/<name>/dataloader_idx_<i>`` (Lightning's convention) or ``val/<name>/<your name>`` from
@@ -104,6 +106,8 @@ class ValidationMixin(_Base):
         val_dataloader_names, test_dataloader_names: one name per dataloader, used instead of
             ``dataloader_idx_<i>``.
         log_train_metrics: update the metrics in the default ``training_step`` too (``True``).
+        log_perplexity: also log ``val/ppl`` (``test/ppl``, ``train/ppl``), ``exp`` of the epoch's exact loss: the
+            perplexity of the set for a token-mean cross-entropy (``False``; see ``docs/language-models.md``).
         confidence: ``None`` (default: no intervals, nothing extra per batch), a level such as ``0.95``, or
             ``Intervals(confidence=0.95, replicates=1000, seed=0, record=False)``: every validation and test value
             is also logged with its confidence interval, ``val/<name>_low`` and ``val/<name>_high`` (in
@@ -118,6 +122,7 @@ class ValidationMixin(_Base):
     val_dataloader_names: Sequence[str] | None = None
     test_dataloader_names: Sequence[str] | None = None
     log_train_metrics: bool = True
+    log_perplexity: bool = False
     confidence: float | Intervals | None = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -144,13 +149,16 @@ class ValidationMixin(_Base):
         build.DEFAULTS.update(metrics.values())  # so that shapes are checked for them, also via super()
         return metrics
 
-    def compute_loss(self, outputs: Any, target: Any) -> Tensor | LossTerms:
+    def compute_loss(self, outputs: Any, target: Any) -> Tensor | LossTerms | LossMean:
         """Return the loss of a batch. Default: ``self.criterion(outputs, target)``.
 
         With the default, a ``torch.nn`` loss module is exact as it is (the mixin reads its numerator and
-        denominator, ``docs/losses.md``). An override is exact when it returns one value per sample (or per
-        element; each counts once), or ``LossTerms(sum, weight)`` for a weighted mean. A 0-dim batch mean is
-        weighted by the batch size: exact only when it is a mean over samples.
+        denominator, ``docs/losses.md``). An override is exact when it returns what a torch loss call returned
+        (``self.criterion(outputs.flatten(0, 1), target.flatten())``, ``F.cross_entropy(...)``: the mixin reads
+        that call's terms, e.g. the tokens not ignored), one value per sample (or per element; each counts once),
+        ``LossTerms(sum, weight)`` for a weighted mean, or ``LossMean(mean, weight)`` for a mean computed elsewhere
+        (a Hugging Face model's ``outputs.loss``). Any other 0-dim value (the sum of two loss calls, a call times a
+        factor) is weighted by the batch size: exact only when it is a mean over samples.
         """
         criterion = getattr(self, "criterion", None)
         if criterion is None:
@@ -197,15 +205,26 @@ class ValidationMixin(_Base):
     @override
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor | None:
         """Forward, loss and metrics of one validation batch; returns its loss."""
-        inputs, target = self.unpack_batch(batch)
-        return self.update_metrics("val", self(inputs), target, dataloader_idx)
+        return self._lv_step("val", batch, dataloader_idx)
 
     @override
     def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor | None:
         """Forward, loss and metrics of one test batch; returns its loss."""
-        inputs, target = self.unpack_batch(batch)
-        return self.update_metrics("test", self(inputs), target, dataloader_idx)
+        return self._lv_step("test", batch, dataloader_idx)
 
+    def real_batch(self, stage: Stage, batch: Any, dataloader_idx: int = 0) -> tuple[Any, Any]:
+        """``unpack_batch(batch)`` without the samples ``DistributedSampler`` repeated to pad this process.
+
+        Call it in your own step so that what the model computes from the batch itself (its own ``outputs.loss``,
+        generated text) covers real samples only; the default steps do so when ``compute_loss`` is overridden.
+        ``update_metrics`` cuts whatever is left after the forward. A batch that is all repeats comes back whole
+        (every process runs its forward) and ``update_metrics`` counts nothing of it. Plain ints, no sync.
+        """
+        inputs, target = self.unpack_batch(batch)
+        epoch = self._lv.epochs.get(stage)
+        if epoch is None or dataloader_idx >= len(epoch.loaders):
+            return inputs, target  # update_metrics says why
+        return epoch.loaders[dataloader_idx].real(inputs, target)
 
     def update_metrics(self, stage: Stage, outputs: Any, target: Any, dataloader_idx: int = 0) -> Tensor | None:
         """Count one batch in ``stage``'s epoch values; return its loss (``None`` if it was all DDP padding).
@@ -397,14 +416,32 @@ class ValidationMixin(_Base):
         # The default compute_loss (not overridden in the class or on the instance) calls the criterion: see into it.
         default = getattr(self.compute_loss, "__func__", None) is ValidationMixin.compute_loss
         criterion = getattr(self, "criterion", None)
+        loss: Any = None
         try:
             batch = batch_loss(criterion, outputs, target) if default else None
-            loss = self.compute_loss(outputs, target) if batch is None else None
+            if batch is None:  # your compute_loss (or a criterion not seen into): the terms of the loss call it returns
+                loss, batch = recorded_terms(self.compute_loss, outputs, target, is_sum=is_sum)
         except (RuntimeError, ValueError, IndexError) as err:
             if not default:
                 raise
             raise type(err)(messages.criterion_error(criterion, outputs, target, err)) from err
         return batch if batch is not None else value_terms(loss, n, is_sum=is_sum, what="`compute_loss`")
+
+    def _lv_step(self, stage: Stage, batch: Any, dataloader_idx: int) -> Tensor | None:
+        """``real_batch``, the forward and ``update_metrics`` in one: one look-up of the loader per batch."""
+        inputs, target = self.unpack_batch(batch)
+        epoch = self._lv.epochs.get(stage)
+        if epoch is None or dataloader_idx >= len(epoch.loaders):
+            raise RuntimeError(messages.outside_epoch(stage, dataloader_idx, epoch is not None))
+        loader = epoch.loaders[dataloader_idx]
+        if loader.padding.limit is not None and epoch.loss_of is None:
+            # Under DDP, when your compute_loss computes the loss (it may be the model's own): the repeated samples
+            # left out before the forward. The mixin's own criterion path cuts the outputs after it, as it always did.
+            inputs, target = loader.real(inputs, target)
+        outputs = self(inputs)
+        return loader.update(
+            outputs, target, inputs_of=self._lv_metric_inputs, loss_of=epoch.loss_of or self._lv_loss, bar=epoch.bar
+        )
 
     def _lv_metric_inputs(self, names: list[str], outputs: Any, target: Any) -> list[tuple[Any, ...]]:
         """The ``update`` arguments of each metric, from ``metric_inputs``."""

@@ -189,7 +189,8 @@ def test_value_terms_from_a_loss_not_seen_into() -> None:
     mean = value_terms(torch.tensor(2.0), 5)
     assert not mean.is_sum and mean.weight == 5
     with pytest.raises(TypeError, match=r"Expected `compute_loss` to return a float tensor \(the batch mean or one "
-                                        r"loss per sample\) or `LossTerms\(sum, weight\)` but got tuple"):
+                                        r"loss per sample\), `LossTerms\(sum, weight\)` or `LossMean\(mean, "
+                                        r"weight\)` but got tuple"):
         value_terms((torch.tensor(1.0), 2), 2, what="`compute_loss`")
     with pytest.raises(TypeError, match=r"`LossTerms.weight` from the loss function to be a 0-dim tensor or a "
                                         r"number but got str 'two'"):

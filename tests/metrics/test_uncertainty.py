@@ -127,9 +127,10 @@ def test_a_loss_given_per_batch_or_as_a_sum_has_no_interval_and_says_why() -> No
     values, tracker = run([], split(preds, target), loss=lambda p, t: (p - t).pow(2).mean())
     assert all(math.isnan(v) for v in values["intervals"]["loss"])
     assert tracker.warnings == [
-        "No interval for `val/loss`: the loss came as one value per batch (a mean or `LossTerms(sum, weight)` of "
-        "the batch), and the interval needs each sample's: return one loss per sample (`reduction='none'`) from "
-        "your `compute_loss` or criterion."
+        "No interval for `val/loss`: the loss came as one value per batch (a mean, `LossMean` or `LossTerms(sum, "
+        "weight)` of the batch), and the interval needs each sample's: return one loss per sample "
+        "(`reduction='none'`), or `LossTerms` with one sum and weight per row (a sequence's summed token losses "
+        "and its tokens), from your `compute_loss` or criterion."
     ]
     summed = EvaluationIntervals(Intervals(), [], criterion=nn.MSELoss(reduction="sum"), loss="sum",
                                  label=lambda name: f"val/{name}")
@@ -286,3 +287,26 @@ def test_the_record_keeps_each_samples_terms_and_the_replicates() -> None:
     losses = F.cross_entropy(scores.double(), target, reduction="none")
     torch.testing.assert_close(record.rows["loss"][:, 0], losses, rtol=1e-6, atol=1e-7)
     assert record.replicates["f1"].shape == (20,)
+
+
+def test_per_row_loss_terms_of_your_own_give_the_token_loss_its_interval() -> None:
+    """A language model's compute_loss: each sequence's summed token losses and its tokens, as LossTerms rows."""
+    from lightning_validate import LossTerms
+
+    g = torch.Generator().manual_seed(11)
+    logits, tokens = torch.randn(80, 6, 13, generator=g), torch.randint(0, 13, (80, 6), generator=g)
+    tokens[torch.rand(80, 6, generator=g) < 0.25] = -100
+
+    def per_row(outputs: Tensor, target: Tensor) -> LossTerms:
+        losses = F.cross_entropy(outputs.transpose(1, 2), target, reduction="none")  # 0 where ignored
+        return LossTerms(sum=losses.sum(1), weight=(target != -100).sum(1))
+
+    batch = value_terms(per_row(logits[:16], tokens[:16]), 16)
+    whole = F.cross_entropy(logits[:16].transpose(1, 2), tokens[:16])
+    assert float(batch.step_loss) == pytest.approx(float(whole), rel=1e-6)  # the batch's token mean
+    values, _ = run([], split(logits, tokens, size=16), loss=per_row)
+    nll = F.cross_entropy(logits.double().transpose(1, 2), tokens, reduction="none").sum(1)
+    kept = (tokens != -100).sum(1).double()
+    assert values["loss"] == pytest.approx(float(nll.sum() / kept.sum()), rel=1e-6)
+    expected = delta_reference(nll.numpy(), kept.numpy(), values["loss"])
+    assert tuple(values["intervals"]["loss"]) == pytest.approx(expected, rel=1e-6)

@@ -17,37 +17,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
+from tiny_transformers import VOCAB, bert, gpt2, llama, t5
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_validate import ModeCheck, ModeCheckError
-
-VOCAB = 100
-SPECIAL = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
-
-
-def llama() -> nn.Module:
-    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, attention_dropout=0.1, **SPECIAL))
-
-
-def gpt2() -> nn.Module:
-    return transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, **SPECIAL))
-
-
-def bert() -> nn.Module:
-    return transformers.BertForSequenceClassification(transformers.BertConfig(
-        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-        max_position_embeddings=64, num_labels=3, pad_token_id=0))
-
-
-def t5() -> nn.Module:
-    return transformers.T5ForConditionalGeneration(transformers.T5Config(
-        vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, decoder_start_token_id=0,
-        pad_token_id=0, eos_token_id=2))
-
 
 MODELS: dict[str, Callable[[], nn.Module]] = {"llama": llama, "gpt2": gpt2, "bert": bert, "t5": t5}
 
