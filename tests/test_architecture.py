@@ -26,6 +26,8 @@ LAYERS: dict[str, tuple[set[str], set[str]]] = {
                    {"torch", "torchmetrics", "lightning", "lightning_utilities", "typing_extensions"}),
     "mixin": ({"findings", "engine", "metrics", "progress", "stages", "mixin"},
               {"torch", "torchmetrics", "lightning", "lightning_utilities", "typing_extensions", "tqdm", "rich"}),
+    # The command line of the paired comparison: records (metrics) or checkpoints validated by Lightning.
+    "paired": ({"metrics"}, {"torch", "lightning"}),
 }
 TOP = {"__init__", "__about__"}  # the package's front door re-exports every layer
 

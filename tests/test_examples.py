@@ -73,10 +73,14 @@ def test_digits_fast_run_writes_logs_plot_and_reports_test_accuracy(tmp_path: Pa
     with metrics_csv.open(newline="") as f:
         columns = set(csv.DictReader(f).fieldnames or [])
     assert {"train/loss", "train/acc", "val/loss", "val/acc"} <= columns
-    acc = re.search(r"^acc\s+(\d\.\d+)\s+(\d\.\d+)$", out, re.M)
+    number = r"(\d\.\d+)"
+    interval = rf"{number} \[{number}, {number}\]"  # each value with its 95% interval
+    acc = re.search(rf"^acc\s+{interval}\s+{interval}$", out, re.M)
     assert acc, out
-    val_acc, test_acc = map(float, acc.groups())
+    val_acc, val_low, val_high, test_acc, test_low, test_high = map(float, acc.groups())
     assert 0.5 < val_acc <= 1 and 0.5 < test_acc <= 1  # 2 epochs; the full run reaches ~0.97
+    assert val_low < val_acc < val_high and test_low < test_acc < test_high
+    assert {"val/acc_low", "val/acc_high", "val/loss_low"} <= columns
     assert "ModeCheck: clean" in out, out
     assert "Tip" not in out and "Warning" not in out, out  # nothing the user did not cause
     assert re.search(r"best-epoch=[01]\.ckpt", out), out  # epochs count from 0 here, on the bar and in the plot

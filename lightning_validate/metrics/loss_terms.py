@@ -109,13 +109,16 @@ class BatchLoss(NamedTuple):
 
     With ``is_sum`` the value is a numerator: the batch adds ``value`` (and ``weight``) to the epoch sums;
     otherwise it adds ``value * weight`` (0 when ``weight`` is 0, where ``value`` is nan). ``loss`` is what a
-    step returns (for backward) when it is not ``value``.
+    step returns (for backward) when it is not ``value``. ``per_sample`` is the per-sample loss a criterion
+    returned, or its per-row ``LossTerms`` (``value_terms``), kept as they came (nothing computed), for the loss's
+    interval (``metrics.uncertainty``).
     """
 
     value: Tensor
     weight: Tensor | float
     is_sum: bool = False
     loss: Tensor | None = None
+    per_sample: Tensor | LossTerms | None = None
 
     @property
     def step_loss(self) -> Tensor:
@@ -321,7 +324,9 @@ def _class_weight(criterion: Any, target: Tensor) -> Tensor:
 def value_terms(value: Any, batch_size: int, *, is_sum: bool = False, what: str = "the loss function") -> BatchLoss:
     """Read what a ``compute_loss``/criterion the library cannot see into returned for a batch of ``batch_size``.
 
-    - ``LossTerms(sum, weight)``: exact, as given;
+    - ``LossTerms(sum, weight)``: exact, as given; also one ``sum`` per row (shape ``(batch_size,)``, with one
+      weight per row or one for all): the batch's terms are their sums, and the rows are kept as ``per_sample`` for
+      the loss's interval (a language model's per-sequence token losses and token counts);
     - ``LossMean(mean, weight)``: exact, as given; the step's loss is ``mean`` itself;
     - a tensor with a leading batch dimension (per sample, or per element): every value counts once, so the epoch
       value is the mean of all of them;
@@ -332,11 +337,17 @@ def value_terms(value: Any, batch_size: int, *, is_sum: bool = False, what: str 
         TypeError: for anything else (``what`` names the source in the message).
         ValueError: when the leading dimension is not ``batch_size``.
     """
+    if isinstance(value, LossTerms) and _one_per_row(value, batch_size):
+        total, weight = value
+        batch_weight = weight.sum() if isinstance(weight, Tensor) else weight * batch_size
+        batch_sum = total.sum()
+        return BatchLoss(batch_sum, batch_weight, True, batch_sum / batch_weight, value)
     if isinstance(value, (LossTerms, LossMean)):
         total, weight = value
         kind, field = ("LossTerms", "sum") if isinstance(value, LossTerms) else ("LossMean", "mean")
         if not isinstance(total, Tensor) or total.ndim != 0 or not total.is_floating_point():
-            raise TypeError(f"Expected `{kind}.{field}` from {what} to be a 0-dim float tensor but got "
+            rows = f" or one per row, of shape ({batch_size},)" if kind == "LossTerms" else ""
+            raise TypeError(f"Expected `{kind}.{field}` from {what} to be a 0-dim float tensor{rows} but got "
                             f"{_describe(total)}.")
         if isinstance(weight, Tensor) and weight.ndim == 0:
             pass
@@ -359,15 +370,27 @@ def value_terms(value: Any, batch_size: int, *, is_sum: bool = False, what: str 
             f"{tuple(value.shape)}. Return the batch mean (a 0-dim tensor), one loss per sample, or "
             "`LossTerms(sum, weight)`."
         )
-    return BatchLoss(value.sum(), value.numel(), True, value.mean())
+    return BatchLoss(value.sum(), value.numel(), True, value.mean(), value)
 
 
-def sample_terms(criterion: nn.Module, outputs: Tensor, target: Tensor) -> LossTerms:
+def _one_per_row(terms: LossTerms, batch_size: int) -> bool:
+    """Whether ``terms`` holds one float ``sum`` per row of the batch, with one weight per row or one for all."""
+    total, weight = terms
+    if not isinstance(total, Tensor) or total.ndim != 1 or total.shape[0] != batch_size or not (
+            total.is_floating_point()):
+        return False
+    if isinstance(weight, Tensor):
+        return weight.shape == total.shape
+    return isinstance(weight, (int, float)) and not isinstance(weight, bool)
+
+
+def sample_terms(criterion: nn.Module, outputs: Tensor, target: Tensor, dtype: torch.dtype | None = None) -> LossTerms:
     """Split a known criterion's numerator and denominator per sample: two float64 tensors of shape ``(N,)``.
 
     ``sum(terms.sum) / sum(terms.weight)`` over any set of samples is the criterion's ``reduction="mean"`` value on
     them (``reduction="sum"``: ``sum(terms.sum)``), so single samples (a ``DistributedSampler``'s padding) can be
-    masked out. Costs a ``reduction="none"`` call; the criterion is copied, never modified.
+    masked out. Costs a ``reduction="none"`` call; the criterion is copied, never modified. With ``dtype`` (float32
+    for bfloat16 outputs) the copy's floating tensors and the outputs are cast to it first.
 
     Raises:
         TypeError: if ``batch_loss`` does not know the criterion.
@@ -376,7 +399,9 @@ def sample_terms(criterion: nn.Module, outputs: Tensor, target: Tensor) -> LossT
     if forward is None:
         raise TypeError(f"Expected a torch loss module called as `criterion(outputs, target)` but got {criterion!r}.")
     n = outputs.shape[0]
-    unreduced = _variant(criterion, "none")(outputs, target)
+    if dtype is not None:
+        outputs = outputs.to(dtype)
+    unreduced = _variant(criterion, "none", dtype)(outputs, target)
     per_sample = unreduced.reshape(n, -1).sum(1, dtype=torch.float64)
     weight: Tensor
     if forward in _CLASS_INDEX or forward in _LINEAR_CE:

@@ -190,3 +190,13 @@ def names_error(stage: str, names: Sequence[str], count: int) -> str:
         f"Expected attribute `{stage}_dataloader_names` to name each of the {count} {stage} dataloaders "
         f"but got {len(names)} names: {list(names)!r}."
     )
+
+
+def no_record(stage: str, index: int, kept: list[tuple[str, int]]) -> str:
+    """``sample_record`` asked for an epoch that kept no record."""
+    have = ", ".join(f"({s!r}, {i})" for s, i in kept) or "none"
+    return (
+        f"No per-sample record of stage {stage!r}, dataloader {index}: records are kept with "
+        "`confidence = Intervals(record=True)` (a class attribute of your LightningModule, or set on the instance "
+        f"before `trainer.validate`), for the last epoch of each stage and dataloader. Records kept: {have}."
+    )

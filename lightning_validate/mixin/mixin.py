@@ -41,8 +41,10 @@ from typing_extensions import override
 from lightning_validate.metrics.batches import batch_size_of
 from lightning_validate.metrics.fast_accuracy import default_metrics
 from lightning_validate.metrics.inputs import split_inputs
+from lightning_validate.metrics.intervals import Intervals
 from lightning_validate.metrics.loss_calls import recorded_terms
 from lightning_validate.metrics.loss_terms import BatchLoss, LossMean, LossTerms, batch_loss, loss_plan, value_terms
+from lightning_validate.metrics.records import SampleRecord
 from lightning_validate.mixin import build, messages
 from lightning_validate.mixin.build import Stage
 from lightning_validate.mixin.run import CHECKPOINT_KEY, RunState
@@ -106,6 +108,13 @@ class ValidationMixin(_Base):
         log_train_metrics: update the metrics in the default ``training_step`` too (``True``).
         log_perplexity: also log ``val/ppl`` (``test/ppl``, ``train/ppl``), ``exp`` of the epoch's exact loss: the
             perplexity of the set for a token-mean cross-entropy (``False``; see ``docs/language-models.md``).
+        confidence: ``None`` (default: no intervals, nothing extra per batch), a level such as ``0.95``, or
+            ``Intervals(confidence=0.95, replicates=1000, seed=0, record=False)``: every validation and test value
+            is also logged with its confidence interval, ``val/<name>_low`` and ``val/<name>_high`` (in
+            ``metrics_history`` too), reduced with the values, once per epoch. The interval covers the sampling of
+            the validation set, not training seeds or hyperparameters; ``docs/uncertainty.md`` says which method
+            each value gets. A value without one is named in a warning. With ``record=True``,
+            ``sample_record(stage)`` gives the epoch's per-sample record, for ``paired_comparison``.
     """
 
     on_bad_values: Literal["warn", "raise"] = "warn"
@@ -114,6 +123,7 @@ class ValidationMixin(_Base):
     test_dataloader_names: Sequence[str] | None = None
     log_train_metrics: bool = True
     log_perplexity: bool = False
+    confidence: float | Intervals | None = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -314,6 +324,14 @@ class ValidationMixin(_Base):
         """
         return self._lv.history
 
+    def sample_record(self, stage: Stage = "val", dataloader_idx: int = 0) -> SampleRecord:
+        """The per-sample record of the last ``stage`` epoch (``confidence = Intervals(record=True)``).
+
+        Save it (``record.save(path)``) to compare two checkpoints evaluated in separate runs with
+        ``paired_comparison``. Under DDP each process records its own samples (``SampleRecord.merge`` joins them).
+        """
+        return self._lv.record_of(stage, dataloader_idx)
+
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Save ``metrics_history`` (and the values of an epoch not closed yet) under ``"lightning_validate"``."""
@@ -364,8 +382,9 @@ class ValidationMixin(_Base):
         for name, value in epoch.logged(values).items():
             # The values are already global and equal on every rank. Lightning asks for sync_dist on epoch-level
             # values under DDP; the max of equal values is the value itself (a mean would divide and round).
-            self.log(name, value, prog_bar=stage == "val", sync_dist=distributed, reduce_fx="max",
-                     add_dataloader_idx=False)  # the suffix is ours: dataloader_idx_<i> or the user's name
+            self.log(name, value, prog_bar=stage == "val" and name not in epoch.bounds, sync_dist=distributed,
+                     reduce_fx="max", add_dataloader_idx=False)  # the suffix is ours: dataloader_idx_<i> or the user's
+        self._lv.intervals_done(epoch)
         return values
 
     def _lv_criterion_loss(self) -> Callable[[Any, Any, int, bool], BatchLoss] | None:

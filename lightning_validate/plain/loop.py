@@ -43,12 +43,15 @@ from lightning_validate.metrics.accumulators import LossAccumulator, sum_dtype
 from lightning_validate.metrics.batches import batch_size_of, describe, to_device, unpack_example
 from lightning_validate.metrics.checks import check_metric_dict
 from lightning_validate.metrics.inputs import split_inputs, update_metric
+from lightning_validate.metrics.intervals import Intervals, intervals_from
 from lightning_validate.metrics.loss_calls import recorded_terms
 from lightning_validate.metrics.loss_terms import LossMean, LossTerms, loss_plan, value_terms
 from lightning_validate.metrics.perplexity import PPL
 from lightning_validate.metrics.perplexity import perplexity as perplexity_of
 from lightning_validate.metrics.states import restore_states, save_states
+from lightning_validate.metrics.uncertainty import EvaluationIntervals
 from lightning_validate.plain.context import evaluating
+from lightning_validate.plain.intervals import finish_intervals, per_metric, tracker_for
 from lightning_validate.progress import DEFAULT_INTERVAL, Throttle, format_postfix
 
 __all__ = ["validate"]
@@ -75,6 +78,7 @@ def validate(
     progress: bool = True,
     desc: str = "Valid",
     perplexity: bool = False,
+    confidence: float | Intervals | None = None,
 ) -> dict[str, float]:
     """Evaluate ``model`` on every batch of ``dataloader``; return the loss and metrics as plain floats.
 
@@ -140,11 +144,15 @@ def validate(
         desc: the bar's label.
         perplexity: also return ``"ppl"``, ``exp`` of the exact loss over the whole dataloader (the perplexity of
             the set for a token-mean cross-entropy; never a mean of batch perplexities). Needs a mean ``criterion``.
+        confidence: a confidence level (``0.95``) or ``Intervals(...)``: every value also gets its interval, as
+            ``"<name>_low"`` and ``"<name>_high"`` (``docs/uncertainty.md``: which method for which value). A value
+            without one is named in a warning. Default ``None``: no intervals, and nothing extra per batch.
 
     Returns:
         ``{"loss": ..., "ppl": ..., <metric name>: ...}`` as Python floats: ``"loss"`` when a criterion is given,
         ``"ppl"`` with ``perplexity=True``, one entry per metric (a metric that computes a dict, such as
-        ``ClasswiseWrapper``, adds one entry per key).
+        ``ClasswiseWrapper``, adds one entry per key); with ``confidence``, ``"<name>_low"`` and ``"<name>_high"``
+        after them.
 
     Raises:
         TypeError: if ``metrics`` are not torchmetrics objects, a batch cannot be unpacked as ``(inputs, target)``,
@@ -154,10 +162,30 @@ def validate(
             ``metric_inputs`` to write), or a metric computes something other than a scalar.
         ValueError: if neither ``criterion`` nor ``metrics`` is given, a metric is named ``"loss"`` next to a
             criterion (or ``"ppl"`` with ``perplexity``), ``perplexity`` has no mean criterion, two results share a
-            name, the dataloader yields no batch, or the criterion returns a
-            per-sample loss whose first dimension is not the batch size.
+            name, the dataloader yields no batch, the criterion returns a per-sample loss whose first dimension is
+            not the batch size, or ``confidence`` is not a level.
 
     """
+    return _validate(model, dataloader, criterion=criterion, metrics=metrics, step=step, metric_inputs=metric_inputs,
+                     device=device, progress=progress, desc=desc, perplexity=perplexity, confidence=confidence)[0]
+
+
+def _validate(
+    model: nn.Module,
+    dataloader: Iterable[Any],
+    *,
+    criterion: Callable[[Any, Any], Tensor | LossTerms | LossMean] | None,
+    metrics: Mapping[str, Metric] | MetricCollection | None,
+    step: Step | None,
+    metric_inputs: MetricInputs | None,
+    device: torch.device | str | None,
+    progress: bool,
+    desc: str,
+    perplexity: bool = False,
+    confidence: float | Intervals | None = None,
+) -> tuple[dict[str, float], EvaluationIntervals | None]:
+    """``validate()``, and the tracker of its intervals (for a per-sample record); arguments as there."""
+    spec = intervals_from(confidence, "argument `confidence`")
     collection, metric_list = _check_metrics(metrics, with_criterion=criterion is not None)
     _check_perplexity(perplexity, criterion, metric_list)
     if criterion is None and collection is None and not metric_list:
@@ -189,6 +217,7 @@ def validate(
         root.to(target_device)
     saved = save_states(roots)
     named: list[tuple[str | None, Any]] = [(None, collection)] if collection is not None else list(metric_list)
+    tracker = tracker_for(spec, named, criterion, dataloader) if spec is not None else None
     bar = None
     try:
         for root in roots:
@@ -196,11 +225,14 @@ def validate(
         if progress:
             bar = tqdm(total=_num_samples(dataloader), desc=desc, unit=" samples")
         with evaluating(model, inference_mode=step is None):
-            loss = _run(model, dataloader, criterion, named, step, target_device, bar, metric_inputs, perplexity)
+            loss = _run(model, dataloader, criterion, named, step, target_device, bar, metric_inputs, perplexity,
+                        tracker)
             values = _values(loss, named, perplexity)
+            if tracker is not None:
+                values.update(finish_intervals(tracker, values, target_device))
         if bar is not None:
             bar.set_postfix(format_postfix(values), refresh=False)
-        return values
+        return values, tracker
     except BaseException:
         restore_states(saved)
         raise
@@ -225,6 +257,7 @@ def _run(
     bar: Any,
     metric_inputs: MetricInputs | None = None,
     with_perplexity: bool = False,
+    tracker: EvaluationIntervals | None = None,
 ) -> LossAccumulator | None:
     """Run the batch loop: on-device sums only; the host learns batch sizes from shapes, never from values."""
     throttle = Throttle(_REFRESH_INTERVAL)
@@ -242,6 +275,7 @@ def _run(
         else:
             outputs, target = _check_step_result(step(batch, model))
         n = _batch_size(target, outputs)
+        terms = None
         if loss is not None:
             assert criterion is not None
             terms = plan(outputs, target) if plan is not None else None
@@ -250,7 +284,9 @@ def _run(
                 if terms is None:
                     terms = value_terms(value, n, is_sum=loss.reduction == "sum", what=_CRITERION)
             loss.add(terms)
-        _update_metrics(named, outputs, target, metric_inputs)
+        args = _update_metrics(named, outputs, target, metric_inputs)
+        if tracker is not None:
+            tracker.update(outputs, target, per_metric(named, args), terms, n)
         seen += n
         if bar is not None:
             if throttle.due():
@@ -369,10 +405,10 @@ def _batch_size(target: Any, outputs: Any) -> int:
 
 def _update_metrics(
     named: list[tuple[str | None, Any]], outputs: Any, target: Any, metric_inputs: MetricInputs | None
-) -> None:
-    """Update every metric with what ``metric_inputs`` returned (default: ``(outputs, target)``)."""
+) -> list[tuple[Any, ...]]:
+    """Update every metric with what ``metric_inputs`` returned (default: ``(outputs, target)``); return that."""
     if not named:
-        return
+        return []
     if metric_inputs is None:
         inputs = [(outputs, target)] * len(named)
     else:
@@ -386,6 +422,7 @@ def _update_metrics(
         inputs = split_inputs(result, [name or "" for name, _ in named], hook="`metric_inputs(outputs, target)`")
     for (name, metric), args in zip(named, inputs, strict=True):
         update_metric(metric, args, key=name or type(metric).__name__, outputs=outputs, target=target, fix=_fix)
+    return inputs
 
 
 def _fix(outputs: str, target: str) -> str:
