@@ -244,7 +244,7 @@ class LossPlan:
             kept = target != (-100 if ignore is None else ignore)
             w: Tensor | None = c._buffers.get("weight")  # the class weights are a buffer of torch's losses
             if w is None:
-                weight = kept.sum()  # int64: exact
+                weight = torch.count_nonzero(kept)  # int64: exact (and faster than kept.sum() on a CPU)
             else:  # float64 whatever the weights' own dtype (bfloat16 under bf16-true); float32 on MPS
                 dtype = torch.float32 if target.device.type == "mps" else torch.float64
                 weight = (w.take(target.masked_fill(~kept, 0)) * kept).sum(dtype=dtype)

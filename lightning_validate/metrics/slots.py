@@ -5,8 +5,9 @@ An accumulator that kept each batch's value as its own small tensor (a Python li
 batches, interleaved with the activations of every forward pass; on glibc's allocator they keep the freed
 activation memory from being reused, and the next forward's large buffers come from fresh pages: thousands of page
 faults per epoch, up to 10% of a small model's evaluation time on a CPU (``benchmarks/user_config.py``). A
-``Slots`` buffer is allocated once per fold window; a batch copies its scalar into the next slot (one small copy
-kernel, through a view made once), and the fold reads the filled slots as one tensor.
+``Slots`` buffer grows to its size once and is reused from one fold window to the next; a batch copies its scalar
+into the next slot (one small copy kernel, through a view made once), and the fold reads the filled slots as one
+tensor.
 
 Example:
     >>> import torch
@@ -37,12 +38,15 @@ def sum_dtype(device: torch.device) -> torch.dtype:
 
 
 class Slots:
-    """A fixed-size buffer on the device of the first value, that per-batch scalars are copied into.
+    """A buffer on the device of the first value, that per-batch scalars are copied into; at most ``size`` slots.
+
+    The buffer starts with a few slots and doubles when they are filled, up to ``size``: a short evaluation makes few
+    views, a long one reuses its ``size`` slots from one fold window to the next.
 
     Args:
         dtype: the buffer's dtype: a floating dtype means the sum dtype of the device (float64; float32 on MPS),
             an integer dtype is kept as it is.
-        size: the number of slots; ``full`` says when the owner must ``take()`` them.
+        size: the most slots; ``full`` says when the owner must ``take()`` them.
     """
 
     def __init__(self, dtype: torch.dtype, size: int = FOLD_EVERY) -> None:
@@ -71,14 +75,14 @@ class Slots:
 
     @property
     def full(self) -> bool:
-        """Whether every slot is filled."""
+        """Whether all ``size`` slots are filled."""
         return self._filled >= self.size
 
     def add(self, value: Tensor) -> None:
-        """Copy a 0-dim (or one-element) tensor into the next slot; no host-device sync, nothing allocated."""
+        """Copy a 0-dim (or one-element) tensor into the next slot; no host-device sync, nothing kept per batch."""
         if value.requires_grad:  # copying a graph's output in grad mode would record the copy
             value = value.detach()
-        if self._buffer is None or self._buffer.device != value.device:
+        if self._filled >= len(self._views) or self._buffer is None or self._buffer.device != value.device:
             self._allocate(value.device)
         self._views[self._filled].copy_(value.reshape(()) if value.ndim else value)
         self._filled += 1
@@ -91,12 +95,20 @@ class Slots:
         return self._buffer[:filled]
 
     def _allocate(self, device: torch.device) -> None:
+        """A buffer twice as large (8 slots at first, ``size`` at most), the filled slots copied into it."""
         dtype = sum_dtype(device) if self.dtype.is_floating_point else self.dtype
-        kept = self._buffer[: self._filled] if self._buffer is not None else None  # a value came on another device
+        kept = self._buffer[: self._filled] if self._buffer is not None else None
+        same_place = self._buffer is not None and self._buffer.device == device
+        capacity = min(self.size, max(_FIRST, 2 * len(self._views))) if same_place else max(_FIRST, self._filled)
+        capacity = max(capacity, self._filled + 1)
         # A normal tensor even when the first value comes inside inference_mode: it is written in place in later
         # stages too (trainer.validate, then fit), which an inference tensor does not allow.
         with torch.inference_mode(False):
-            self._buffer = torch.zeros(self.size, dtype=dtype, device=device)
+            self._buffer = torch.zeros(capacity, dtype=dtype, device=device)
             self._views = self._buffer.unbind(0)
             if kept is not None and len(kept):
                 self._buffer[: len(kept)] = kept.to(device=device, dtype=dtype)
+
+
+#: Slots of a new buffer; each full buffer is followed by one twice as large, up to ``Slots.size``.
+_FIRST = 8
