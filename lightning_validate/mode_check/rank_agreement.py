@@ -9,9 +9,10 @@ warn (rank zero prints the other ranks' findings too) or all raise, and none is 
 The exchange leaves nothing in flight. A gloo collective returns when its result is ready, but the backend's worker
 thread still holds the tensors for a moment, and letting go of a tensor that Python also holds takes the GIL. If the
 process reaches interpreter shutdown in that moment (a ``ddp_spawn`` worker returns right after ``on_train_end``,
-where the last exchange happens), the thread cannot get the GIL, exits from inside C++ and the process aborts with
-``terminate called without an active exception``. So the exchange uses plain tensors it owns (findings as JSON
-bytes, no pickled objects) and returns only once the backend has let go of every one of them.
+where the last exchange happens), the thread gets the GIL only once shutdown has begun, Python ends the thread from
+inside C++, and the process aborts with ``terminate called without an active exception`` (pytorch #190489). So the
+exchange uses plain tensors it owns (findings as JSON bytes, no pickled objects) and returns only once the backend
+has let go of every one of them (or after ``_RELEASE_TIMEOUT_S``).
 """
 
 from __future__ import annotations
