@@ -1,3 +1,3 @@
 """Version of lightning-validate, read by the build backend and the package."""
 
-__version__ = "0.1.0"
+__version__ = "0.3.0.dev0"

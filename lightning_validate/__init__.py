@@ -26,26 +26,36 @@ from typing import TYPE_CHECKING, Any
 from lightning_validate.__about__ import __version__
 from lightning_validate.engine import Snapshot, compare, take_snapshot
 from lightning_validate.findings import CODES, Finding, ModeCheckError, ModeCheckWarning
-from lightning_validate.metrics.loss_terms import LossTerms
+from lightning_validate.metrics.intervals import Intervals
+from lightning_validate.metrics.loss_terms import LossMean, LossTerms
+from lightning_validate.metrics.paired import PairedReport
+from lightning_validate.metrics.records import SampleRecord
 from lightning_validate.plain.context import evaluating
 
 if TYPE_CHECKING:
     from lightning_validate.mixin.mixin import ValidationMixin
     from lightning_validate.mode_check.callback import ModeCheck
     from lightning_validate.plain.loop import validate
+    from lightning_validate.plain.paired import paired_comparison, record_samples
 
 __all__ = [
     "CODES",
     "Finding",
+    "Intervals",
+    "LossMean",
     "LossTerms",
     "ModeCheck",
     "ModeCheckError",
     "ModeCheckWarning",
+    "PairedReport",
+    "SampleRecord",
     "Snapshot",
     "ValidationMixin",
     "__version__",
     "compare",
     "evaluating",
+    "paired_comparison",
+    "record_samples",
     "take_snapshot",
     "validate",
 ]
@@ -56,6 +66,8 @@ _LAZY = {
     "ModeCheck": "lightning_validate.mode_check.callback",
     "ValidationMixin": "lightning_validate.mixin.mixin",
     "validate": "lightning_validate.plain.loop",
+    "paired_comparison": "lightning_validate.plain.paired",
+    "record_samples": "lightning_validate.plain.paired",
 }
 
 

@@ -48,9 +48,10 @@ _HOOK_WORD = {"sanity_check": "validation", "validate": "validation", "test": "t
 class _Fix:
     """A fix template: ``plain`` for plain PyTorch, ``lightning`` for a Lightning phase (``None``: the same text).
 
-    Templates are ``str.format`` strings over the finding's context: ``{module}`` (display name), ``{path}``
-    (``model.backbone[1]``), ``{self_path}`` (``self.backbone[1]``), ``{hook}`` (``validation``, ``test``...) and any
-    extra field the caller passes (``{name}`` of a metric).
+    Templates are ``str.format`` strings over the finding's context: ``{module}`` (display name), ``{owner}`` (the
+    display name of the submodule the fix acts on: a parameter's module), ``{path}`` (``model.backbone[1]``),
+    ``{self_path}`` (``self.backbone[1]``), ``{hook}`` (``validation``, ``test``...) and any extra field the caller
+    passes (``{name}`` of a metric).
     """
 
     plain: str
@@ -70,6 +71,17 @@ class _Entry:
 
 _PARAM_WRITES = "do not write parameters during evaluation (`p.data.clamp_()`, an EMA update, `optimizer.step()`): "
 
+#: Quantization-aware training: ``torch.ao.quantization`` observers update their ranges in eval mode too.
+_OBSERVERS = _Fix(
+    "quantization observers keep updating in eval mode, so evaluation data moved the quantization ranges: turn "
+    "them off around evaluation, `model.apply(torch.ao.quantization.disable_observer)` before it and "
+    "`model.apply(torch.ao.quantization.enable_observer)` after it",
+    "quantization observers keep updating in eval mode, so evaluation data moved the quantization ranges: turn "
+    "them off for the evaluation, `self.apply(torch.ao.quantization.disable_observer)` in `on_{hook}_model_eval` "
+    "(after `super().on_{hook}_model_eval()`) and `self.apply(torch.ao.quantization.enable_observer)` in "
+    "`on_{hook}_model_train` (after `super().on_{hook}_model_train()`)",
+)
+
 #: The catalogue. 1xx: the state during evaluation; 2xx: what evaluation changed; 3xx: the state during training;
 #: 4xx: torchmetrics objects.
 _CATALOGUE: dict[str, _Entry] = {
@@ -85,17 +97,48 @@ _CATALOGUE: dict[str, _Entry] = {
     )),
     "LV103": _Entry("non-deterministic forward in eval mode", _Fix(
         "make randomness follow the mode: `F.dropout(x, p, training=self.training)` or an `nn.Dropout` module "
-        "instead of `training=True`; if the randomness is intended (MC dropout, sampling), allow the module: "
+        "instead of `training=True`, and `F.scaled_dot_product_attention(..., dropout_p=p if self.training else "
+        "0.0)` in attention; if the randomness is intended (MC dropout, sampling), allow the module: "
         "`allow_train_mode=[{module!r}]`, or `ignore=['LV103']`",
     )),
-    "LV201": _Entry("parameter changed by evaluation", _Fix(
-        _PARAM_WRITES + "move the write after `optimizer.step()`",
-        _PARAM_WRITES + "move the write to `on_train_batch_end` or after `optimizer.step()`",
-    )),
-    "LV202": _Entry("buffer changed by evaluation", _Fix(
-        "a submodule ran in train mode during evaluation and updated its buffers (BatchNorm running statistics): "
-        "keep it in eval mode (`{path}.eval()`), or restore the buffers after computing the loss",
-    )),
+    "LV201": _Entry(
+        "parameter changed by evaluation",
+        _Fix(
+            _PARAM_WRITES + "move the write after `optimizer.step()`",
+            _PARAM_WRITES + "move the write to `on_train_batch_end` or after `optimizer.step()`",
+        ),
+        {"observer": _OBSERVERS},  # a learnable fake-quantization's scale, written by its observer
+    ),
+    "LV202": _Entry(
+        "buffer changed by evaluation",
+        _Fix(  # a buffer of a module of the user's, or a group of buffers of several kinds
+            "find what writes the buffer during evaluation and make it follow the mode (`if self.training:` around "
+            "the update) or restore it afterwards; if a submodule in train mode updates it (BatchNorm running "
+            "statistics), keep it in eval mode (`{path}.eval()`); a cache computed from the input's shape is not "
+            "state: register it with `persistent=False`, then rebuilding it with another shape is not reported",
+        ),
+        {
+            "norm": _Fix(
+                "a submodule ran in train mode during evaluation and updated its buffers (BatchNorm running "
+                "statistics): keep it in eval mode (`{path}.eval()`), or restore the buffers after computing the loss",
+            ),
+            "observer": _OBSERVERS,
+            "quant_toggle": _Fix(
+                "evaluation switched observation or fake quantization off (or on) and did not switch it back: undo "
+                "the switch after evaluating, `model.apply(torch.ao.quantization.enable_observer)` after a "
+                "`disable_observer` (`enable_fake_quant` after `disable_fake_quant`)",
+                "evaluation switched observation or fake quantization off (or on) and did not switch it back: undo "
+                "the switch in `on_{hook}_model_train`, `self.apply(torch.ao.quantization.enable_observer)` after a "
+                "`disable_observer` in `on_{hook}_model_eval` (`enable_fake_quant` after `disable_fake_quant`)",
+            ),
+            "cache": _Fix(
+                "`{module}` is a non-persistent buffer (a cache) that evaluation rewrote in place, with the same "
+                "shape: if it holds values computed from the input's shape alone (a rotary table, a mask), allow "
+                "its module, `allow_train_mode=[{owner!r}]`; if it keeps something between calls (a KV cache, a "
+                "counter), reset it at the end of evaluation",
+            ),
+        },
+    ),
     "LV203": _Entry("requires_grad changed by evaluation", _Fix(
         "do not freeze or unfreeze during evaluation; save and restore the flags: "
         "`flags = {{n: p.requires_grad for n, p in model.named_parameters()}}` ... "
@@ -273,7 +316,8 @@ def make_finding(
         expected: what should have been seen.
         seen: what was seen.
         detail: extra context.
-        variant: a named variant of the code's fix (``"left_in_eval"`` for LV205); ``""``: the default fix.
+        variant: a named variant of the code's fix, for what the finding is about (``"left_in_eval"`` for LV205;
+            ``"norm"``, ``"observer"``, ``"quant_toggle"``, ``"cache"`` for LV202); ``""``: the default fix.
         owner: the submodule the fix acts on, when it is not ``module`` (a parameter's module).
         **fields: extra template fields (``name`` of a metric object).
 
@@ -293,7 +337,8 @@ def make_finding(
         raise ValueError(f"Expected argument `variant` to be one of {sorted(entry.variants)!r} for {code} but got "
                          f"{variant!r}.")
     target = module if owner is None else owner
-    context = {"module": module, "path": attribute_path(target), "self_path": attribute_path(target, "self"),
+    context = {"module": module, "owner": display_name(target) if owner is not None else module,
+               "path": attribute_path(target), "self_path": attribute_path(target, "self"),
                "hook": _HOOK_WORD.get(phase, phase), **fields}
     return Finding(code=code, module=module, phase=phase, boundary=boundary, expected=expected, seen=seen,
                    fix=fix.render(phase in _HOOK_WORD, context), detail=detail)

@@ -22,10 +22,12 @@ LAYERS: dict[str, tuple[set[str], set[str]]] = {
     "progress": (set(), set()),
     "stages": (set(), {"lightning"}),
     "plain": ({"findings", "engine", "metrics", "progress", "plain"}, {"torch", "torchmetrics", "tqdm"}),
-    "mode_check": ({"findings", "engine", "stages", "mode_check"},
-                   {"torch", "lightning", "lightning_utilities", "typing_extensions"}),
+    "mode_check": ({"findings", "engine", "metrics", "stages", "mode_check"},
+                   {"torch", "torchmetrics", "lightning", "lightning_utilities", "typing_extensions"}),
     "mixin": ({"findings", "engine", "metrics", "progress", "stages", "mixin"},
               {"torch", "torchmetrics", "lightning", "lightning_utilities", "typing_extensions", "tqdm", "rich"}),
+    # The command line of the paired comparison: records (metrics) or checkpoints validated by Lightning.
+    "paired": ({"metrics"}, {"torch", "lightning"}),
 }
 TOP = {"__init__", "__about__"}  # the package's front door re-exports every layer
 

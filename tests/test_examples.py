@@ -7,6 +7,7 @@ output are what is tested.
 from __future__ import annotations
 
 import csv
+import math
 import re
 import subprocess
 import sys
@@ -72,10 +73,14 @@ def test_digits_fast_run_writes_logs_plot_and_reports_test_accuracy(tmp_path: Pa
     with metrics_csv.open(newline="") as f:
         columns = set(csv.DictReader(f).fieldnames or [])
     assert {"train/loss", "train/acc", "val/loss", "val/acc"} <= columns
-    acc = re.search(r"^acc\s+(\d\.\d+)\s+(\d\.\d+)$", out, re.M)
+    number = r"(\d\.\d+)"
+    interval = rf"{number} \[{number}, {number}\]"  # each value with its 95% interval
+    acc = re.search(rf"^acc\s+{interval}\s+{interval}$", out, re.M)
     assert acc, out
-    val_acc, test_acc = map(float, acc.groups())
+    val_acc, val_low, val_high, test_acc, test_low, test_high = map(float, acc.groups())
     assert 0.5 < val_acc <= 1 and 0.5 < test_acc <= 1  # 2 epochs; the full run reaches ~0.97
+    assert val_low < val_acc < val_high and test_low < test_acc < test_high
+    assert {"val/acc_low", "val/acc_high", "val/loss_low"} <= columns
     assert "ModeCheck: clean" in out, out
     assert "Tip" not in out and "Warning" not in out, out  # nothing the user did not cause
     assert re.search(r"best-epoch=[01]\.ckpt", out), out  # epochs count from 0 here, on the bar and in the plot
@@ -89,3 +94,18 @@ def test_cli_example_prints_nothing_the_user_did_not_cause(tmp_path: Path) -> No
                "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false")
     assert "Tip" not in out and "tensorboard" not in out.lower() and "Warning" not in out, out
     assert "ModeCheck (fit): " in out and "no findings" in out, out
+
+
+def test_language_model_logs_one_loss_and_ppl_at_every_batch_size() -> None:
+    out = _run(str(EXAMPLES / "language_model.py"), "--fast", "--no-progress-bar")
+    rows = re.findall(r"^\s+(1|8|64)\s+(\d\.\d{6})\s+(\d+\.\d{4})\s+(\d\.\d{4})\s+\|\s+(\d\.\d{6})\s+(\d+\.\d{4})$",
+                      out, re.M)
+    assert [row[0] for row in rows] == ["1", "8", "64"], out
+    reference = re.search(r"token mean over the set \(a plain float64 loop\): (\d\.\d{6}), perplexity (\d+\.\d{4})",
+                          out)
+    assert reference, out
+    assert {row[1:4] for row in rows} == {(reference.group(1), reference.group(2), rows[0][3])}, out  # one value
+    assert abs(float(rows[0][1]) - math.log(float(rows[0][2]))) < 1e-4
+    assert 0 <= float(rows[0][3]) <= 1
+    assert abs(float(rows[0][4]) - float(reference.group(1))) > 1e-3, out  # batch means at batch size 1: off
+    assert "Warning" not in out, out

@@ -17,9 +17,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from lightning_validate.engine.buffers import fix_variant, not_state
 from lightning_validate.engine.fingerprint import same, to_host
 from lightning_validate.engine.names import Globs, covers, group
-from lightning_validate.engine.snapshot import Snapshot, initialised_buffers
+from lightning_validate.engine.snapshot import Snapshot
 from lightning_validate.findings import Finding, display_name, make_finding
 
 __all__ = ["compare"]
@@ -42,7 +43,10 @@ def compare(
 
     Reports (codes in ``docs/codes.md``): submodules added, removed or replaced (LV206), a submodule whose mode
     differs (LV205), ``requires_grad`` flags (LV203), parameters (LV201), buffers (LV202) and ``.grad`` (LV204).
-    Changes are grouped: a backbone whose forty BatchNorm layers were all un-frozen is one finding.
+    Changes are grouped: a backbone whose forty BatchNorm layers were all un-frozen is one finding. Buffer changes that
+    are not state are left out (``engine.buffers.not_state``: a placeholder filled in, a non-persistent cache rebuilt
+    with another shape, fake-quantization parameters recomputed), and each fix is written for what owns the tensors
+    (a BatchNorm, a quantization observer, a cache).
 
     Args:
         before: snapshot taken before evaluation.
@@ -163,10 +167,11 @@ def _compare_content(before: Snapshot, after: Snapshot, buffers_allowed: Globs |
         keys = [n for k, n in fb if k == kind]
         changed = [n for n in keys if (kind, n) in fa and not same(fb[(kind, n)], fa[(kind, n)])]
         if kind == "buffer" and buffers_allowed is not None:
-            # A placeholder filled in on the first forward (a fixed table of positions) is initialisation.
-            filled = {n for n, _, _ in initialised_buffers(before, after)}
+            # Not state (engine/buffers.py): a placeholder filled in, a non-persistent cache rebuilt with another
+            # shape, fake-quantization parameters recomputed from unchanged statistics.
+            excused = {n.name for n in not_state(before, after, changed)}
             # Filtered per tensor, before grouping: a group names a module whose owner test would be its parent.
-            changed = [n for n in changed if n not in filled and not buffers_allowed.covers(n.rpartition(".")[0])]
+            changed = [n for n in changed if n not in excused and not buffers_allowed.covers(n.rpartition(".")[0])]
         for name, count in group(changed, keys, root=False):
             noun = "parameters" if kind == "param" else "buffers"
             owner = name.rpartition(".")[0] if (kind, name) in fb else name
@@ -175,7 +180,9 @@ def _compare_content(before: Snapshot, after: Snapshot, buffers_allowed: Globs |
             else:
                 integral = after._fingerprint is not None and (kind, name) in after._fingerprint.integral
                 seen = _change(fb[(kind, name)], fa[(kind, name)], integral)
-            report.add(code, name, expected="unchanged values", seen=seen, owner=owner)
+            members = [n for n in changed if n == name or n.startswith(name + ".")]
+            report.add(code, name, expected="unchanged values", seen=seen, owner=owner,
+                       variant=fix_variant(members, after, kind))
     if before.has_grad is not None and after.has_grad is not None:
         _compare_grads(before, after, fb, fa, report)
 

@@ -15,11 +15,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from lightning_validate.engine.buffers import Role, record_buffers
 from lightning_validate.engine.fingerprint import Fingerprint, dtensor_type, is_sharded
 from lightning_validate.engine.names import class_name, unwrap, walk
 from lightning_validate.findings import display_name
 
-__all__ = ["Snapshot", "give_back", "initialised_buffers", "take_snapshot"]
+__all__ = ["Snapshot", "give_back", "take_snapshot"]
 
 
 @dataclass(eq=False)
@@ -36,6 +37,9 @@ class Snapshot:
         sharded: names of the parameters that were sharded (``DTensor``) when taken. FSDP2 swaps them for whole
             tensors, without ``.grad``, around a forward: their ``.grad`` is compared only between equal layouts.
         buffer_shapes: buffer name -> shape (recorded with content), to tell initialisation from a change.
+        roles: submodule name -> what it is, for the submodules whose buffers have a role of their own: ``"norm"``
+            (BatchNorm), ``"observer"`` or ``"fake_quant"`` (``torch.ao.quantization``). Recorded with content.
+        non_persistent: names of the non-persistent buffers (not in the ``state_dict``). Recorded with content.
 
     """
 
@@ -48,6 +52,8 @@ class Snapshot:
     sharded: frozenset[str] = frozenset()
     _fingerprint: Fingerprint | None = None
     buffer_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    roles: dict[str, Role] = field(default_factory=dict)
+    non_persistent: frozenset[str] = frozenset()
 
     @property
     def has_content(self) -> bool:
@@ -105,6 +111,7 @@ def take_snapshot(model: nn.Module, *, content: bool = True, grads: bool = True)
             named += [("grad", n, p.grad) for n, p in params if p.grad is not None]
         fp = Fingerprint.of(named)
     shapes = {n: tuple(b.shape) for n, b in buffers} if content else {}
+    roles, non_persistent = record_buffers(modules) if content else ({}, frozenset[str]())
     return Snapshot(
         modes=modes,
         types=types,
@@ -115,36 +122,9 @@ def take_snapshot(model: nn.Module, *, content: bool = True, grads: bool = True)
         sharded=sharded,
         _fingerprint=fp,
         buffer_shapes=shapes,
+        roles=roles,
+        non_persistent=non_persistent,
     )
-
-
-def initialised_buffers(before: Snapshot, after: Snapshot) -> list[tuple[str, tuple[int, ...], tuple[int, ...]]]:
-    """Buffers that a first forward filled in: a placeholder of zeros (or no elements) replaced by another shape.
-
-    Such a buffer is initialisation, not a change evaluation made to the model's state: a fixed table (relative
-    positions, a mask) computed on the first forward, whatever the mode, weights or data.
-
-    Returns:
-        ``(name, shape before, shape after)`` for each such buffer; comparing content synchronizes once per device.
-
-    Example:
-        >>> net = torch.nn.Module()
-        >>> net.register_buffer("table", torch.zeros(1, 1, 3))
-        >>> before = take_snapshot(net)
-        >>> net.table = torch.ones(1, 4, 3)
-        >>> initialised_buffers(before, take_snapshot(net))
-        [('table', (1, 1, 3), (1, 4, 3))]
-
-    """
-    if not before.has_content or not after.has_content:
-        return []
-    fb = before.fingerprints()
-    out = []
-    for name, shape in before.buffer_shapes.items():
-        now = after.buffer_shapes.get(name)
-        if now is not None and now != shape and fb.get(("buffer", name), (0.0, 0.0)) == (0.0, 0.0):
-            out.append((name, shape, now))
-    return out
 
 
 def give_back(model: nn.Module, snapshot: Snapshot) -> tuple[list[str], list[str]]:

@@ -1,7 +1,7 @@
 """Device-side accumulators for exact epoch values: no host-device synchronization per batch.
 
-Each batch appends device scalars, folded into running sums every few hundred batches; ``summary()`` gives one
-tensor ready for one ``all_reduce(SUM)`` across processes.
+Each batch copies its device scalars into preallocated slots (``metrics.slots``), folded into running sums every few
+hundred batches; ``summary()`` gives one tensor ready for one ``all_reduce(SUM)`` across processes.
 
 Example:
     >>> import torch
@@ -20,16 +20,9 @@ import torch
 from torch import Tensor
 
 from lightning_validate.metrics.loss_terms import BatchLoss, value_terms
+from lightning_validate.metrics.slots import FOLD_EVERY, Slots, sum_dtype
 
 __all__ = ["FOLD_EVERY", "LossAccumulator", "TargetRange", "sum_dtype"]
-
-#: Device scalars kept per accumulator before they are folded into running sums (bounds memory, amortizes cost).
-FOLD_EVERY = 256
-
-
-def sum_dtype(device: torch.device) -> torch.dtype:
-    """Dtype for sums of losses and metric values on ``device``: float64 (exact epoch means), float32 on MPS."""
-    return torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
 
 
 class LossAccumulator:
@@ -37,8 +30,8 @@ class LossAccumulator:
 
     ``add(batch)`` takes a ``BatchLoss`` (``metrics.loss_terms``): a batch mean with its weight, or a numerator
     with its weight. ``update(loss, n)`` takes what a criterion the library cannot see into returned (a batch
-    mean, a per-sample loss or ``LossTerms``; see ``value_terms``). Each call appends device scalars and never
-    synchronizes; ``summary()`` gives ``[sum, weight, non-finite batches, batches]`` as one tensor, ready for one
+    mean, a per-sample loss or ``LossTerms``; see ``value_terms``). Each call copies device scalars into slots and
+    never synchronizes; ``summary()`` gives ``[sum, weight, non-finite batches, batches]`` as one tensor, ready for one
     ``all_reduce(SUM)`` across processes. A batch of weight 0 (all targets ignored) adds nothing, not nan.
 
     Args:
@@ -55,14 +48,13 @@ class LossAccumulator:
     def reset(self) -> None:
         """Forget everything accumulated."""
         self.batches = 0
-        self._pending = 0  # batches since the last fold
         self._count: float = 0  # weights known on the host (sample counts from shapes)
-        self._means: list[Tensor] = []  # batch means, all with the host weight `_weight`
+        self._means = Slots(torch.float64)  # batch means, all with the host weight `_weight`
         self._weight: float = 0
-        self._weighted: list[Tensor] = []  # batch means with device weights (`_weighted_by`)
-        self._weighted_by: list[Tensor] = []
-        self._sums: list[Tensor] = []  # numerators
-        self._sum_weights: list[Tensor] = []  # device weights of numerators (host ones are in `_count`)
+        self._weighted = Slots(torch.float64)  # batch means with device weights (`_weighted_by`)
+        self._weighted_by = Slots(torch.float64)
+        self._sums = Slots(torch.float64)  # numerators
+        self._sum_weights = Slots(torch.float64)  # device weights of numerators (host ones are in `_count`)
         self._total: Tensor | None = None
         self._weight_total: Tensor | None = None
         self._nonfinite: Tensor | None = None
@@ -72,59 +64,55 @@ class LossAccumulator:
         self.add(value_terms(loss, n, is_sum=self.reduction == "sum"))
 
     def add(self, batch: BatchLoss) -> None:
-        """Add one batch's value and weight (no device work)."""
+        """Add one batch's value and weight: one or two small copies on the device, nothing read back."""
         value, weight = batch.value, batch.weight
-        if value.requires_grad:  # kept until the next fold: without the graph (checked first: detach costs more)
-            value = value.detach()
-        if isinstance(weight, Tensor) and weight.requires_grad:
-            weight = weight.detach()
         if batch.is_sum:
-            self._sums.append(value)
+            slots = self._sums
+            slots.add(value)
             if isinstance(weight, Tensor):
-                self._sum_weights.append(weight)
+                self._sum_weights.add(weight)
             else:
                 self._count += weight
         elif isinstance(weight, Tensor):
-            self._weighted.append(value)
-            self._weighted_by.append(weight)
+            slots = self._weighted
+            slots.add(value)
+            self._weighted_by.add(weight)
         elif weight:  # a mean over no element (nan) adds nothing
             if weight != self._weight:  # equal weights (all batches but the last) are applied once, when folded
                 self._fold()
                 self._weight = weight
-            self._means.append(value)
+            slots = self._means
+            slots.add(value)
             self._count += weight
+        else:
+            self.batches += 1
+            return
         self.batches += 1
-        self._pending += 1
-        if self._pending >= FOLD_EVERY:
+        if slots.full:
             self._fold()
 
     def _fold(self) -> None:
-        self._pending = 0
         totals: list[Tensor] = []
         weights: list[Tensor] = []
         bad: list[Tensor] = []
-        if self._means:
-            chunk = torch.stack(self._means)
-            dtype = sum_dtype(chunk.device)
-            totals.append(chunk.sum(dtype=dtype) * self._weight)
-            bad.append(torch.isfinite(chunk).logical_not().sum())
-        if self._weighted:
-            means, by = torch.stack(self._weighted), torch.stack(self._weighted_by)
-            dtype = sum_dtype(means.device)
-            by = by.to(dtype)
+        means = self._means.take()
+        if means is not None:
+            totals.append(means.sum() * self._weight)
+            bad.append(torch.isfinite(means).logical_not().sum())
+        weighted, by = self._weighted.take(), self._weighted_by.take()
+        if weighted is not None and by is not None:
             # A batch with nothing counted has mean nan and weight 0: it adds 0 (where, not a branch on values).
-            parts = torch.where(by != 0, means.to(dtype) * by, 0.0)
+            parts = torch.where(by != 0, weighted * by, 0.0)
             totals.append(parts.sum())
             weights.append(by.sum())
             bad.append(torch.isfinite(parts).logical_not().sum())
-        if self._sums:
-            chunk = torch.stack(self._sums)
-            dtype = sum_dtype(chunk.device)
-            totals.append(chunk.sum(dtype=dtype))
-            bad.append(torch.isfinite(chunk).logical_not().sum())
-        if self._sum_weights:
-            weights.append(torch.stack(self._sum_weights).sum(dtype=sum_dtype(self._sum_weights[0].device)))
-        self._means, self._weighted, self._weighted_by, self._sums, self._sum_weights = [], [], [], [], []
+        sums = self._sums.take()
+        if sums is not None:
+            totals.append(sums.sum())
+            bad.append(torch.isfinite(sums).logical_not().sum())
+        sum_weights = self._sum_weights.take()
+        if sum_weights is not None:
+            weights.append(sum_weights.sum())
         for total in totals:
             self._total = total if self._total is None else self._total + total
         for weight in weights:
@@ -187,8 +175,8 @@ class TargetRange:
 
     def reset(self) -> None:
         """Forget everything seen."""
-        self._lows: list[Tensor] = []  # per-batch smallest targets
-        self._parts: list[Tensor] = []  # per-batch largest targets
+        self._lows = Slots(torch.int64)  # per-batch smallest targets
+        self._highs = Slots(torch.int64)  # per-batch largest targets
         self._bad: Tensor | None = None
         self._extremes: Tensor | None = None
 
@@ -197,16 +185,15 @@ class TargetRange:
         if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool or target.numel() == 0:
             return
         lo, hi = torch.aminmax(target)
-        self._lows.append(lo)
-        self._parts.append(hi)
-        if len(self._parts) >= FOLD_EVERY:
+        self._lows.add(lo)
+        self._highs.add(hi)
+        if self._highs.full:
             self._fold()
 
     def _fold(self) -> None:
-        if not self._parts:
+        lo, hi = self._lows.take(), self._highs.take()
+        if lo is None or hi is None:
             return
-        lo, hi = torch.stack(self._lows).to(torch.int64), torch.stack(self._parts).to(torch.int64)
-        self._lows, self._parts = [], []
         low_bad = lo < 0
         if self.ignore_index is not None and self.ignore_index < 0:
             low_bad &= lo != self.ignore_index

@@ -26,6 +26,12 @@ def to_device(batch: Any, device: torch.device) -> Any:
 
     Tensors already there are not touched; copies are ``non_blocking`` (a pinned CPU batch overlaps the copy).
     """
+    if type(batch) in (tuple, list):  # the common case, `(inputs, target)` already there: no walk, no new containers
+        for t in batch:
+            if not isinstance(t, Tensor) or t.device != device:
+                break
+        else:
+            return batch
 
     def move(t: Tensor) -> Tensor:
         return t if t.device == device else t.to(device, non_blocking=True)

@@ -17,7 +17,7 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_validate.metrics.accumulators import FOLD_EVERY
+from lightning_validate.metrics.slots import Slots
 
 __all__ = ["FastMulticlassAccuracy", "default_metrics"]
 
@@ -46,7 +46,7 @@ class FastMulticlassAccuracy(MulticlassAccuracy):
 
     def __init__(self, num_classes: int, **kwargs: Any) -> None:
         super().__init__(num_classes, average="micro", validate_args=False, **kwargs)
-        self.__dict__["_pending"] = []  # (correct count, samples) per batch, not yet in the states
+        self._drop_pending()
 
     def _wrap_update(self, update: Callable[..., None]) -> Callable[..., None]:
         """Do what torchmetrics' wrapper does, minus its cost: no grad context, no ``nn.Module.__setattr__``.
@@ -74,19 +74,29 @@ class FastMulticlassAccuracy(MulticlassAccuracy):
             return
         if preds.ndim == target.ndim + 1:
             preds = preds.argmax(dim=1)
-        pending = self.__dict__.setdefault("_pending", [])
-        pending.append(((preds == target).sum(), target.numel()))
-        if len(pending) >= FOLD_EVERY:
+        attrs = self.__dict__
+        if "_pending" not in attrs:  # a clone unpickled by an older release
+            self._drop_pending()
+        pending: Slots = attrs["_pending"]
+        pending.add((preds == target).sum())
+        attrs["_pending_samples"] += target.numel()
+        if pending.full:
             self._flush()
+
+    def _drop_pending(self) -> None:
+        """Forget the counts not yet added to the states (per-batch correct counts on the device, and samples)."""
+        self.__dict__["_pending"] = Slots(torch.int64)
+        self.__dict__["_pending_samples"] = 0
 
     def _flush(self) -> None:
         """Add the pending per-batch counts to the four states (before anything reads them)."""
-        pending = self.__dict__.get("_pending")
-        if not pending or self.num_classes is None:
+        pending: Slots | None = self.__dict__.get("_pending")
+        counts = pending.take() if pending is not None else None
+        if counts is None or self.num_classes is None:
             return
-        self.__dict__["_pending"] = []
-        correct = torch.stack([c for c, _ in pending]).sum()
-        n = sum(k for _, k in pending)
+        correct = counts.sum()
+        n = self.__dict__["_pending_samples"]
+        self.__dict__["_pending_samples"] = 0
         names = ("tp", "fp", "fn", "tn")
         states: list[Tensor] = [getattr(self, name) for name in names]
         if states[0].is_inference() and not torch.is_inference_mode_enabled():
@@ -115,7 +125,7 @@ class FastMulticlassAccuracy(MulticlassAccuracy):
 
     def reset(self) -> None:
         """Forget everything, pending counts included."""
-        self.__dict__["_pending"] = []
+        self._drop_pending()
         super().reset()
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:

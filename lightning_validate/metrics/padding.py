@@ -7,8 +7,8 @@ entries are the global positions ``>= len(dataset)``, and rank ``r``'s ``k``-th 
 
 Example:
     >>> f = PaddingFilter(limit=5)  # this rank's sampler yields 6 samples; the last one is padding
-    >>> f.keep(4), f.keep(2)
-    (4, 1)
+    >>> f.keep(4), f.peek(2), f.keep(2)
+    (4, 1, 1)
 
 """
 
@@ -20,7 +20,7 @@ from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
 from torch.utils.data import BatchSampler, DistributedSampler
 
-__all__ = ["PaddingFilter", "real_samples", "take_first"]
+__all__ = ["PaddingFilter", "real_samples", "sampler_layout", "take_first"]
 
 #: Samplers whose order is known: padding, if any, is exactly the global positions >= len(sampler.dataset).
 #: Lightning injects the first three (the unrepeated ones pad nothing); a subclass of anything else is not guessed.
@@ -52,6 +52,12 @@ class PaddingFilter:
         self.limit = limit
         self.offset = 0
 
+    def peek(self, n: int) -> int:
+        """How many leading samples of the next batch of ``n`` are real, without advancing (``keep`` advances)."""
+        if self.limit is None or self.offset + n <= self.limit:
+            return n
+        return max(0, self.limit - self.offset)
+
     def keep(self, n: int) -> int:
         """Advance by a batch of ``n`` samples; return how many of its leading samples are real."""
         start = self.offset
@@ -59,6 +65,37 @@ class PaddingFilter:
         if self.limit is None or self.offset <= self.limit:
             return n
         return max(0, self.limit - start)
+
+
+def _known_sampler(loader: object) -> DistributedSampler[Any] | None:
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    if type(batch_sampler) is not BatchSampler:
+        return None
+    sampler = batch_sampler.sampler
+    if not isinstance(sampler, DistributedSampler):
+        return None
+    if f"{type(sampler).__module__}.{type(sampler).__qualname__}" not in _KNOWN_SAMPLERS:
+        return None
+    return sampler
+
+
+def sampler_layout(loader: object) -> tuple[int, int] | None:
+    """``(rank, num_replicas)`` of a ``DataLoader`` over a known ``DistributedSampler``, else ``None``.
+
+    With it, this rank's ``k``-th sample is at global position ``rank + k * num_replicas``: the sample's index in
+    the evaluation order, the same whatever the number of processes (with ``shuffle=False``, its dataset index).
+
+    Example:
+        >>> from torch.utils.data import DataLoader, DistributedSampler
+        >>> data = list(range(10))
+        >>> sampler_layout(DataLoader(data, sampler=DistributedSampler(data, num_replicas=4, rank=1)))
+        (1, 4)
+        >>> sampler_layout(DataLoader(data)) is None
+        True
+
+    """
+    sampler = _known_sampler(loader)
+    return None if sampler is None else (sampler.rank, sampler.num_replicas)
 
 
 def real_samples(loader: object) -> int | None:
@@ -76,13 +113,8 @@ def real_samples(loader: object) -> int | None:
         [3, 3, 2, 2]
 
     """
-    batch_sampler = getattr(loader, "batch_sampler", None)
-    if type(batch_sampler) is not BatchSampler:
-        return None
-    sampler = batch_sampler.sampler
-    if not isinstance(sampler, DistributedSampler):
-        return None
-    if f"{type(sampler).__module__}.{type(sampler).__qualname__}" not in _KNOWN_SAMPLERS:
+    sampler = _known_sampler(loader)
+    if sampler is None:
         return None
     if sampler.drop_last:  # truncates instead of padding: nothing repeated
         return None

@@ -72,9 +72,9 @@ def save_states(roots: Iterable[nn.Module]) -> list[tuple[Metric, dict[str, Any]
 def restore_states(saved: list[tuple[Metric, dict[str, Any]]]) -> None:
     """Put back what ``save_states`` recorded."""
     for metric, state in saved:
-        flush = getattr(metric, "_flush", None)
-        if callable(flush):
-            metric.__dict__["_pending"] = []  # counts pending since the save are dropped with the states
+        drop = getattr(metric, "_drop_pending", None)
+        if callable(drop):
+            drop()  # counts pending since the save are dropped with the states
         for name, value in state.items():
             current = getattr(metric, name, None)
             if isinstance(value, list) and isinstance(current, list):

@@ -29,7 +29,11 @@ from torchmetrics import Metric
 from lightning_validate.findings import Policy
 from lightning_validate.metrics.accumulators import LossAccumulator, TargetRange
 from lightning_validate.metrics.checks import check_metrics
-from lightning_validate.metrics.padding import PaddingFilter, real_samples
+from lightning_validate.metrics.intervals import Intervals, intervals_from
+from lightning_validate.metrics.loss_terms import known
+from lightning_validate.metrics.padding import PaddingFilter, real_samples, sampler_layout
+from lightning_validate.metrics.perplexity import PPL
+from lightning_validate.metrics.uncertainty import EvaluationIntervals
 from lightning_validate.mixin import messages
 from lightning_validate.mixin.bars import running_bar
 from lightning_validate.mixin.epoch import Epoch, Loader, data_parallel_group
@@ -40,6 +44,7 @@ from lightning_validate.stages import TrainerFn
 __all__ = [
     "DEFAULTS",
     "Stage",
+    "check_perplexity",
     "prepare",
     "container",
     "dataloader_names",
@@ -93,10 +98,26 @@ def prepare(model: Any, state: RunState, default_loss: bool) -> None:
             f"Expected attribute `on_bad_values` to be 'warn' or 'raise' but got {model.on_bad_values!r}."
         )
     Throttle(model.progress_interval)  # validates the interval now, not at the first batch
+    intervals_from(model.confidence, "attribute `confidence`")
     state.num_classes = num_classes_of(model)
     with torch.inference_mode(False):  # states made under inference_mode could not be updated later
-        state.templates = check_metrics(model.configure_metrics())
+        templates = check_metrics(model.configure_metrics())
+    check_perplexity(model, templates)
+    state.templates = templates
     state.default_in_use = any(m in DEFAULTS for m in state.templates.values())
+
+
+def check_perplexity(model: Any, templates: Mapping[str, Metric]) -> None:
+    """``log_perplexity``: a bool; with it, a mean loss (``exp`` of a sum is no perplexity) and no metric ``ppl``."""
+    flag = model.log_perplexity
+    if not isinstance(flag, bool):
+        raise TypeError(f"Expected attribute `log_perplexity` to be True or False but got {flag!r}.")
+    if not flag:
+        return
+    if getattr(getattr(model, "criterion", None), "reduction", "mean") == "sum":
+        raise ValueError(messages.PERPLEXITY_OF_SUM)
+    if PPL in templates:
+        raise ValueError(messages.PERPLEXITY_NAME)
 
 
 def dataloader_names(model: Any, stage: Stage) -> Sequence[str] | None:
@@ -177,6 +198,17 @@ def eval_loaders(trainer: Any, stage: Stage) -> list[object | None]:
     return [None] * max(count, 1)
 
 
+def _tracker(spec: Intervals, metrics: list[tuple[str, Metric]], criterion: object, reduction: str, prefix: str,
+             suffix: str, loader: object, trainer: Any) -> EvaluationIntervals:
+    """One dataloader's intervals; sample ``k`` of this rank is at position ``rank + k * world`` of its sampler."""
+    layout = sampler_layout(loader) or (trainer.global_rank, trainer.world_size)
+    return EvaluationIntervals(
+        spec, metrics, criterion=criterion if known(criterion) else None,
+        loss="sum" if reduction == "sum" else True, label=lambda name: f"{prefix}{name}{suffix}",
+        rank=layout[0], world=layout[1],
+    )
+
+
 def open_epoch(model: Any, state: RunState, stage: Stage, default_loss: bool) -> Epoch:
     """A new epoch of ``stage``: one ``Loader`` per dataloader, with fresh metric states.
 
@@ -197,7 +229,9 @@ def open_epoch(model: Any, state: RunState, stage: Stage, default_loss: bool) ->
     templates = state.templates or {}
     defaults = frozenset(n for n, m in templates.items() if m in DEFAULTS) if use_metrics else frozenset()
     group = data_parallel_group(trainer.strategy)
-    epoch = Epoch(stage)
+    # Intervals for evaluations only: training values come from a model that changes from batch to batch.
+    spec = intervals_from(model.confidence, "attribute `confidence`") if stage != "train" else None
+    epoch = Epoch(stage, perplexity=model.log_perplexity)
     for i, (dl, suffix) in enumerate(zip(loaders, suffixes, strict=True)):
         made = container(model, state, stage, i, register=False)
         with torch.inference_mode(False):  # fresh states that a later `fit` can update in place
@@ -206,6 +240,7 @@ def open_epoch(model: Any, state: RunState, stage: Stage, default_loss: bool) ->
                     metric.reset()
                     if group is not None and metric.process_group is None:
                         metric.process_group = group  # a tensor-parallel group sees the same samples
+        metrics = [(n, m) for n, m in made.items() if isinstance(m, Metric)] if use_metrics else []
         epoch.loaders.append(
             Loader(
                 stage=stage,
@@ -216,11 +251,13 @@ def open_epoch(model: Any, state: RunState, stage: Stage, default_loss: bool) ->
                     else None
                 ),
                 padding=PaddingFilter(None if dl is None else real_samples(dl)),
-                metrics=[(n, m) for n, m in made.items() if isinstance(m, Metric)] if use_metrics else [],
+                metrics=metrics,
                 suffix=suffix,
                 throttle=Throttle(model.progress_interval),
                 defaults=defaults,
                 num_classes=state.num_classes,
+                intervals=None if spec is None else _tracker(spec, metrics, criterion if default_loss else None,
+                                                             reduction, f"{stage}/", suffix, dl, trainer),
             )
         )
     epoch.bar = running_bar(trainer, stage)

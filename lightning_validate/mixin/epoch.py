@@ -36,9 +36,12 @@ from lightning_validate.findings import Policy
 from lightning_validate.metrics.accumulators import LossAccumulator, TargetRange
 from lightning_validate.metrics.batches import batch_size_of, describe
 from lightning_validate.metrics.inputs import fix_code, update_metric
+from lightning_validate.metrics.intervals import interval_names
 from lightning_validate.metrics.loss_terms import BatchLoss
 from lightning_validate.metrics.padding import PaddingFilter, take_first
+from lightning_validate.metrics.perplexity import PPL, perplexity
 from lightning_validate.metrics.states import local_value
+from lightning_validate.metrics.uncertainty import EvaluationIntervals
 from lightning_validate.mixin import messages
 from lightning_validate.mixin.bars import RunningBar
 from lightning_validate.progress import Throttle
@@ -63,6 +66,8 @@ class Loader:
     throttle: Throttle
     defaults: frozenset[str] = frozenset()  # the default metrics here, whose input shapes the first batch checks
     num_classes: int | None = None
+    intervals: EvaluationIntervals | None = None  # with `confidence`: the intervals' states (metrics/uncertainty.py)
+    reduced: Tensor | None = field(default=None, repr=False)  # their states summed over the ranks, at the end
     # Built once per epoch, not per batch: the names the hook gets and the keys errors name.
     _names: list[str] = field(init=False, repr=False)
     _keys: list[str] = field(init=False, repr=False)
@@ -108,9 +113,28 @@ class Loader:
             self.targets.update(target)
         for (_, metric), key, args in zip(self.metrics, self._keys, inputs, strict=True):
             update_metric(metric, args, key=key, outputs=outputs, target=target, fix=messages.hook_fix)
+        if self.intervals is not None:
+            self.intervals.update(outputs, target, inputs, batch, keep)
         if bar is not None and self.throttle.due():
             _show_running(bar, self)
         return batch.step_loss
+
+    def real(self, inputs: Any, target: Any) -> tuple[Any, Any]:
+        """A batch before its forward, without the samples DistributedSampler repeated: the forward sees real ones.
+
+        Then a loss the model computes itself (``outputs.loss``) covers the real samples only, and ``update`` has
+        nothing left to cut. A batch that is all repeats is kept whole: the forward runs on every rank (FSDP gathers
+        parameters in it), and ``update`` then counts nothing of it. Plain ints, as in ``update``: no sync.
+        """
+        if self.padding.limit is None:
+            return inputs, target
+        n = batch_size_of(target)
+        if n is None:
+            return inputs, target
+        keep = self.padding.peek(n)
+        if keep in (0, n):
+            return inputs, target
+        return take_first(inputs, n, keep), take_first(target, n, keep)
 
     def _check_defaults(self, inputs: list[tuple[Any, ...]], outputs: Any, target: Any) -> None:
         """The default accuracy takes class scores in dimension 1 and integer targets; else the fix, as code."""
@@ -166,17 +190,36 @@ class Epoch:
     stage: str
     loaders: list[Loader] = field(default_factory=list)
     bar: RunningBar | None = None  # the TQDM or Rich bar showing running values
+    perplexity: bool = False  # also `{stage}/ppl`: exp of the epoch loss (the mixin's `log_perplexity`)
+    #: The batch's loss terms ``(outputs, target, n, is_sum) -> BatchLoss``, chosen once for the epoch (``None``:
+    #: the LightningModule's general path, per batch).
+    loss_of: Callable[[Any, Any, int, bool], BatchLoss] | None = None
+    bounds: set[str] = field(default_factory=set)  # the logged names that are interval bounds (not on the bar)
 
     def reduce(self, trainer: Any, device: torch.device) -> list[Totals]:
-        """Sum the loaders' accumulators across ranks (one collective, plus one max for the target extremes)."""
+        """Sum the loaders' accumulators across ranks (one collective, plus one max for the target extremes).
+
+        The intervals' states, when there are any, ride in the same sum: one collective for all of them.
+        """
         sums = torch.stack([loader.sums(device) for loader in self.loaders])
         extremes = torch.stack([loader.extremes(device) for loader in self.loaders])
+        packs = [loader.intervals.pack(device).to(sums.dtype) for loader in self.loaders
+                 if loader.intervals is not None]
+        flat = torch.cat([sums.flatten(), *packs]) if packs else sums
         if trainer is not None and trainer.world_size > 1:
             # Sums of sums and counts: exact. Over the data-parallel replicas only: the ranks of one
             # tensor-parallel group saw the same samples.
             group = data_parallel_group(trainer.strategy)
-            sums = trainer.strategy.reduce(sums, group=group, reduce_op="sum")
+            flat = trainer.strategy.reduce(flat, group=group, reduce_op="sum")
             extremes = trainer.strategy.reduce(extremes, group=group, reduce_op="max")
+        if packs:
+            parts = flat.split([sums.numel(), *(p.numel() for p in packs)])
+            sums = parts[0].reshape(sums.shape)
+            with_intervals = [loader for loader in self.loaders if loader.intervals is not None]
+            for loader, part in zip(with_intervals, parts[1:], strict=True):
+                loader.reduced = part
+        else:
+            sums = flat
         return [
             Totals(total, weight, nonfinite, batches, bad, -neg_low, high)
             for (total, weight, nonfinite, batches, bad), (neg_low, high) in zip(
@@ -192,7 +235,9 @@ class Epoch:
         for loader, sums in zip(self.loaders, totals, strict=True):
             if sums.batches == 0:  # nothing counted (a custom step that did not call update_metrics)
                 continue
-            values[f"{self.stage}/loss{loader.suffix}"] = loader.loss.value(sums.total, sums.weight)
+            values[f"{self.stage}/loss{loader.suffix}"] = loss = loader.loss.value(sums.total, sums.weight)
+            if self.perplexity:
+                values[f"{self.stage}/{PPL}{loader.suffix}"] = perplexity(loss)
             for name, metric in loader.metrics:
                 key = f"{self.stage}/{name}{loader.suffix}"
                 with warnings.catch_warnings():
@@ -204,7 +249,27 @@ class Epoch:
                 tensors.append(value.detach().reshape(()).to(device=device, dtype=torch.float64))
         if tensors:
             values.update(zip(keys, torch.stack(tensors).tolist(), strict=True))
+        for loader, sums in zip(self.loaders, totals, strict=True):
+            if loader.intervals is not None and loader.reduced is not None and sums.batches:
+                values.update(self._intervals(loader, loader.intervals, loader.reduced, values))
         return values
+
+    def _intervals(self, loader: Loader, tracker: EvaluationIntervals, reduced: Tensor,
+                   values: Mapping[str, float]) -> dict[str, float]:
+        """``val/<name>_low`` and ``val/<name>_high`` of one dataloader's values (``metrics/uncertainty.py``)."""
+        own = {name: values[f"{self.stage}/{name}{loader.suffix}"] for name in ("loss", *loader._names, "ppl")
+               if f"{self.stage}/{name}{loader.suffix}" in values}
+        out: dict[str, float] = {}
+        for name, (low, high) in tracker.finish(reduced, own).items():
+            low_key, high_key = interval_names(f"{self.stage}/{name}{loader.suffix}")
+            out[low_key], out[high_key] = low, high
+        self.bounds.update(out)
+        return out
+
+    def interval_warnings(self) -> list[str]:
+        """Why some values have no interval (each once): unsupported metrics, losses without per-sample terms."""
+        texts = [t for loader in self.loaders if loader.intervals is not None for t in loader.intervals.warnings]
+        return list(dict.fromkeys(texts))
 
     def report(self, totals: list[Totals], values: Mapping[str, float], on_bad_values: str) -> None:
         """Warn or raise (``on_bad_values``), once for the epoch, about non-finite losses and targets out of range."""
@@ -247,7 +312,7 @@ class Epoch:
             self.bar.finish({
                 k[len(prefix) : len(k) - len(suffix)]: v
                 for k, v in values.items()
-                if k.startswith(prefix) and k.endswith(suffix)
+                if k.startswith(prefix) and k.endswith(suffix) and k not in self.bounds
             })
         self.bar = None
 

@@ -23,6 +23,8 @@ from lightning_validate.stages import hook_word, log_stage
 
 __all__ = [
     "MISSING_CRITERION",
+    "PERPLEXITY_NAME",
+    "PERPLEXITY_OF_SUM",
     "UNPACK_HINT",
     "bad_targets",
     "bad_values",
@@ -42,6 +44,17 @@ __all__ = [
 MISSING_CRITERION = (
     "`{name}` has no loss: set `self.criterion = nn.CrossEntropyLoss()` in `__init__`, or override "
     "`def compute_loss(self, outputs, target): return F.cross_entropy(outputs, target)`."
+)
+
+PERPLEXITY_OF_SUM = (
+    "Expected a mean loss with `log_perplexity = True` (perplexity is `exp` of the mean token loss) but "
+    "`self.criterion` has `reduction='sum'`. Use `reduction='mean'`, e.g. `nn.CrossEntropyLoss()`, or set "
+    "`log_perplexity = False`."
+)
+
+PERPLEXITY_NAME = (
+    "Expected no metric named 'ppl' with `log_perplexity = True` (the mixin logs `val/ppl` itself) but "
+    "`configure_metrics()` returned one. Rename it, e.g. `{'my_ppl': ...}`, or set `log_perplexity = False`."
 )
 
 UNPACK_HINT = "Override `unpack_batch(self, batch)` to return `(inputs, target)`."
@@ -176,4 +189,14 @@ def names_error(stage: str, names: Sequence[str], count: int) -> str:
     return (
         f"Expected attribute `{stage}_dataloader_names` to name each of the {count} {stage} dataloaders "
         f"but got {len(names)} names: {list(names)!r}."
+    )
+
+
+def no_record(stage: str, index: int, kept: list[tuple[str, int]]) -> str:
+    """``sample_record`` asked for an epoch that kept no record."""
+    have = ", ".join(f"({s!r}, {i})" for s, i in kept) or "none"
+    return (
+        f"No per-sample record of stage {stage!r}, dataloader {index}: records are kept with "
+        "`confidence = Intervals(record=True)` (a class attribute of your LightningModule, or set on the instance "
+        f"before `trainer.validate`), for the last epoch of each stage and dataloader. Records kept: {have}."
     )

@@ -41,7 +41,10 @@ from typing_extensions import override
 from lightning_validate.metrics.batches import batch_size_of
 from lightning_validate.metrics.fast_accuracy import default_metrics
 from lightning_validate.metrics.inputs import split_inputs
-from lightning_validate.metrics.loss_terms import BatchLoss, LossTerms, batch_loss, value_terms
+from lightning_validate.metrics.intervals import Intervals
+from lightning_validate.metrics.loss_calls import recorded_terms
+from lightning_validate.metrics.loss_terms import BatchLoss, LossMean, LossTerms, batch_loss, loss_plan, value_terms
+from lightning_validate.metrics.records import SampleRecord
 from lightning_validate.mixin import build, messages
 from lightning_validate.mixin.build import Stage
 from lightning_validate.mixin.run import CHECKPOINT_KEY, RunState
@@ -68,8 +71,9 @@ class ValidationMixin(_Base):
     ``training_step``, ``setup``, ``teardown``, the ``on_{train,validation,test}_epoch_{start,end}`` hooks,
     ``on_{validation,test,predict}_model_eval`` and ``on_{save,load}_checkpoint``. A method you define wins (your
     class comes first in the MRO). If you override a step, call
-    ``return self.update_metrics("val", self(x), y, dataloader_idx)`` in it to keep the epoch metrics; if you
-    override any of the hooks, call ``super()`` in it.
+    ``return self.update_metrics("val", self(x), y, dataloader_idx)`` in it to keep the epoch metrics (and
+    ``x, y = self.real_batch("val", batch, dataloader_idx)`` to leave DDP's repeated samples out of the forward);
+    if you override any of the hooks, call ``super()`` in it.
 
     What is logged, once per epoch: ``val/loss`` and ``val/<name>`` (``test/...``); with several dataloaders
     ``val/<name>/dataloader_idx_<i>`` (Lightning's convention) or ``val/<name>/<your name>`` from
@@ -102,6 +106,15 @@ class ValidationMixin(_Base):
         val_dataloader_names, test_dataloader_names: one name per dataloader, used instead of
             ``dataloader_idx_<i>``.
         log_train_metrics: update the metrics in the default ``training_step`` too (``True``).
+        log_perplexity: also log ``val/ppl`` (``test/ppl``, ``train/ppl``), ``exp`` of the epoch's exact loss: the
+            perplexity of the set for a token-mean cross-entropy (``False``; see ``docs/language-models.md``).
+        confidence: ``None`` (default: no intervals, nothing extra per batch), a level such as ``0.95``, or
+            ``Intervals(confidence=0.95, replicates=1000, seed=0, record=False)``: every validation and test value
+            is also logged with its confidence interval, ``val/<name>_low`` and ``val/<name>_high`` (in
+            ``metrics_history`` too), reduced with the values, once per epoch. The interval covers the sampling of
+            the validation set, not training seeds or hyperparameters; ``docs/uncertainty.md`` says which method
+            each value gets. A value without one is named in a warning. With ``record=True``,
+            ``sample_record(stage)`` gives the epoch's per-sample record, for ``paired_comparison``.
     """
 
     on_bad_values: Literal["warn", "raise"] = "warn"
@@ -109,6 +122,8 @@ class ValidationMixin(_Base):
     val_dataloader_names: Sequence[str] | None = None
     test_dataloader_names: Sequence[str] | None = None
     log_train_metrics: bool = True
+    log_perplexity: bool = False
+    confidence: float | Intervals | None = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -134,13 +149,16 @@ class ValidationMixin(_Base):
         build.DEFAULTS.update(metrics.values())  # so that shapes are checked for them, also via super()
         return metrics
 
-    def compute_loss(self, outputs: Any, target: Any) -> Tensor | LossTerms:
+    def compute_loss(self, outputs: Any, target: Any) -> Tensor | LossTerms | LossMean:
         """Return the loss of a batch. Default: ``self.criterion(outputs, target)``.
 
         With the default, a ``torch.nn`` loss module is exact as it is (the mixin reads its numerator and
-        denominator, ``docs/losses.md``). An override is exact when it returns one value per sample (or per
-        element; each counts once), or ``LossTerms(sum, weight)`` for a weighted mean. A 0-dim batch mean is
-        weighted by the batch size: exact only when it is a mean over samples.
+        denominator, ``docs/losses.md``). An override is exact when it returns what a torch loss call returned
+        (``self.criterion(outputs.flatten(0, 1), target.flatten())``, ``F.cross_entropy(...)``: the mixin reads
+        that call's terms, e.g. the tokens not ignored), one value per sample (or per element; each counts once),
+        ``LossTerms(sum, weight)`` for a weighted mean, or ``LossMean(mean, weight)`` for a mean computed elsewhere
+        (a Hugging Face model's ``outputs.loss``). Any other 0-dim value (the sum of two loss calls, a call times a
+        factor) is weighted by the batch size: exact only when it is a mean over samples.
         """
         criterion = getattr(self, "criterion", None)
         if criterion is None:
@@ -187,15 +205,26 @@ class ValidationMixin(_Base):
     @override
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor | None:
         """Forward, loss and metrics of one validation batch; returns its loss."""
-        inputs, target = self.unpack_batch(batch)
-        return self.update_metrics("val", self(inputs), target, dataloader_idx)
+        return self._lv_step("val", batch, dataloader_idx)
 
     @override
     def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor | None:
         """Forward, loss and metrics of one test batch; returns its loss."""
-        inputs, target = self.unpack_batch(batch)
-        return self.update_metrics("test", self(inputs), target, dataloader_idx)
+        return self._lv_step("test", batch, dataloader_idx)
 
+    def real_batch(self, stage: Stage, batch: Any, dataloader_idx: int = 0) -> tuple[Any, Any]:
+        """``unpack_batch(batch)`` without the samples ``DistributedSampler`` repeated to pad this process.
+
+        Call it in your own step so that what the model computes from the batch itself (its own ``outputs.loss``,
+        generated text) covers real samples only; the default steps do so when ``compute_loss`` is overridden.
+        ``update_metrics`` cuts whatever is left after the forward. A batch that is all repeats comes back whole
+        (every process runs its forward) and ``update_metrics`` counts nothing of it. Plain ints, no sync.
+        """
+        inputs, target = self.unpack_batch(batch)
+        epoch = self._lv.epochs.get(stage)
+        if epoch is None or dataloader_idx >= len(epoch.loaders):
+            return inputs, target  # update_metrics says why
+        return epoch.loaders[dataloader_idx].real(inputs, target)
 
     def update_metrics(self, stage: Stage, outputs: Any, target: Any, dataloader_idx: int = 0) -> Tensor | None:
         """Count one batch in ``stage``'s epoch values; return its loss (``None`` if it was all DDP padding).
@@ -207,7 +236,7 @@ class ValidationMixin(_Base):
         if epoch is None or dataloader_idx >= len(epoch.loaders):
             raise RuntimeError(messages.outside_epoch(stage, dataloader_idx, epoch is not None))
         return epoch.loaders[dataloader_idx].update(
-            outputs, target, inputs_of=self._lv_metric_inputs, loss_of=self._lv_loss, bar=epoch.bar
+            outputs, target, inputs_of=self._lv_metric_inputs, loss_of=epoch.loss_of or self._lv_loss, bar=epoch.bar
         )
 
     # ----------------------------------------------------------------------------------------------------------
@@ -295,6 +324,14 @@ class ValidationMixin(_Base):
         """
         return self._lv.history
 
+    def sample_record(self, stage: Stage = "val", dataloader_idx: int = 0) -> SampleRecord:
+        """The per-sample record of the last ``stage`` epoch (``confidence = Intervals(record=True)``).
+
+        Save it (``record.save(path)``) to compare two checkpoints evaluated in separate runs with
+        ``paired_comparison``. Under DDP each process records its own samples (``SampleRecord.merge`` joins them).
+        """
+        return self._lv.record_of(stage, dataloader_idx)
+
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Save ``metrics_history`` (and the values of an epoch not closed yet) under ``"lightning_validate"``."""
@@ -328,7 +365,9 @@ class ValidationMixin(_Base):
 
     def _lv_begin(self, stage: Stage) -> None:
         build.prepare(self, self._lv, self._lv_default_loss())
-        self._lv.open(build.open_epoch(self, self._lv, stage, self._lv_default_loss()))
+        epoch = build.open_epoch(self, self._lv, stage, self._lv_default_loss())
+        epoch.loss_of = self._lv_criterion_loss()
+        self._lv.open(epoch)
 
     def _lv_end(self, stage: Stage) -> dict[str, float]:
         """Reduce across processes, report bad values, log; return the values for the history."""
@@ -343,23 +382,66 @@ class ValidationMixin(_Base):
         for name, value in epoch.logged(values).items():
             # The values are already global and equal on every rank. Lightning asks for sync_dist on epoch-level
             # values under DDP; the max of equal values is the value itself (a mean would divide and round).
-            self.log(name, value, prog_bar=stage == "val", sync_dist=distributed, reduce_fx="max",
-                     add_dataloader_idx=False)  # the suffix is ours: dataloader_idx_<i> or the user's name
+            self.log(name, value, prog_bar=stage == "val" and name not in epoch.bounds, sync_dist=distributed,
+                     reduce_fx="max", add_dataloader_idx=False)  # the suffix is ours: dataloader_idx_<i> or the user's
+        self._lv.intervals_done(epoch)
         return values
+
+    def _lv_criterion_loss(self) -> Callable[[Any, Any, int, bool], BatchLoss] | None:
+        """The epoch's loss path when ``compute_loss`` is the default and ``criterion`` a torch loss, else ``None``.
+
+        Decided once per epoch, so a batch pays only for the criterion and its weight; a criterion replaced during
+        the epoch goes the general way (``_lv_loss``).
+        """
+        if getattr(self.compute_loss, "__func__", None) is not ValidationMixin.compute_loss:
+            return None
+        criterion = getattr(self, "criterion", None)
+        plan = loss_plan(criterion)
+        if plan is None:
+            return None
+
+        def loss_of(outputs: Any, target: Any, n: int, is_sum: bool) -> BatchLoss:
+            if self.criterion is not criterion:
+                return self._lv_loss(outputs, target, n, is_sum)
+            try:
+                batch = plan(outputs, target)
+            except (RuntimeError, ValueError, IndexError) as err:
+                raise type(err)(messages.criterion_error(criterion, outputs, target, err)) from err
+            return batch if batch is not None else self._lv_loss(outputs, target, n, is_sum)
+
+        return loss_of
 
     def _lv_loss(self, outputs: Any, target: Any, n: int, is_sum: bool) -> BatchLoss:
         """The batch's loss and its weight: exact terms for a torch criterion, else what ``compute_loss`` returns."""
         # The default compute_loss (not overridden in the class or on the instance) calls the criterion: see into it.
         default = getattr(self.compute_loss, "__func__", None) is ValidationMixin.compute_loss
         criterion = getattr(self, "criterion", None)
+        loss: Any = None
         try:
             batch = batch_loss(criterion, outputs, target) if default else None
-            loss = self.compute_loss(outputs, target) if batch is None else None
+            if batch is None:  # your compute_loss (or a criterion not seen into): the terms of the loss call it returns
+                loss, batch = recorded_terms(self.compute_loss, outputs, target, is_sum=is_sum)
         except (RuntimeError, ValueError, IndexError) as err:
             if not default:
                 raise
             raise type(err)(messages.criterion_error(criterion, outputs, target, err)) from err
         return batch if batch is not None else value_terms(loss, n, is_sum=is_sum, what="`compute_loss`")
+
+    def _lv_step(self, stage: Stage, batch: Any, dataloader_idx: int) -> Tensor | None:
+        """``real_batch``, the forward and ``update_metrics`` in one: one look-up of the loader per batch."""
+        inputs, target = self.unpack_batch(batch)
+        epoch = self._lv.epochs.get(stage)
+        if epoch is None or dataloader_idx >= len(epoch.loaders):
+            raise RuntimeError(messages.outside_epoch(stage, dataloader_idx, epoch is not None))
+        loader = epoch.loaders[dataloader_idx]
+        if loader.padding.limit is not None and epoch.loss_of is None:
+            # Under DDP, when your compute_loss computes the loss (it may be the model's own): the repeated samples
+            # left out before the forward. The mixin's own criterion path cuts the outputs after it, as it always did.
+            inputs, target = loader.real(inputs, target)
+        outputs = self(inputs)
+        return loader.update(
+            outputs, target, inputs_of=self._lv_metric_inputs, loss_of=epoch.loss_of or self._lv_loss, bar=epoch.bar
+        )
 
     def _lv_metric_inputs(self, names: list[str], outputs: Any, target: Any) -> list[tuple[Any, ...]]:
         """The ``update`` arguments of each metric, from ``metric_inputs``."""

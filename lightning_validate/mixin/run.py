@@ -29,6 +29,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torchmetrics import Metric
 
+from lightning_validate.metrics.records import SampleRecord
 from lightning_validate.mixin import messages
 from lightning_validate.mixin.epoch import Epoch
 from lightning_validate.mixin.recovery import OpenEvaluation, give_back, modes, restored_message
@@ -57,6 +58,25 @@ class RunState:
     warned: set[str] = field(default_factory=set)
     # The training values of the epoch a checkpoint was written in before that epoch closed (at validation end).
     resumed: dict[str, float] | None = None
+    records: dict[tuple[str, int], SampleRecord] = field(default_factory=dict)  # the last epoch's, per dataloader
+
+    def intervals_done(self, epoch: Epoch) -> None:
+        """After an epoch's intervals: say once per run why some values have none; keep the per-sample records."""
+        for text in epoch.interval_warnings():
+            if text not in self.warned:
+                self.warned.add(text)
+                rank_zero_warn(text, category=UserWarning)
+        for i, loader in enumerate(epoch.loaders):
+            record = loader.intervals.record() if loader.intervals is not None else None
+            if record is not None:
+                self.records[(epoch.stage, i)] = record
+
+    def record_of(self, stage: str, index: int) -> SampleRecord:
+        """The record ``intervals_done`` kept for ``stage`` and dataloader ``index``."""
+        found = self.records.get((stage, index))
+        if found is None:
+            raise RuntimeError(messages.no_record(stage, index, sorted(self.records)))
+        return found
 
     def start(self, model: nn.Module) -> None:
         """Start a run clean, also after an earlier run on this model raised (Lightning then skips ``teardown``).

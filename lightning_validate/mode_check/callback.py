@@ -16,9 +16,11 @@ Where each check runs (see the hook-order guide: a callback never sees the state
   weights in and back (``EMAWeightAveraging``) is not reported. The epoch-level evaluation hooks of other
   callbacks and of the LightningModule that are overridden are wrapped too, so a change is attributed to the hook
   that made it, and Lightning's own model-changing callbacks (weight averaging, pruning) are told apart from bugs.
-- After the restore: if the LightningModule overrides ``on_{stage}_model_train``, the modes and ``requires_grad``
-  flags right after that override against the baseline; otherwise Lightning restores each mode itself and the
-  ``requires_grad`` flags are compared at the end of evaluation.
+- After the restore: if the LightningModule overrides ``on_{stage}_model_train``, the modes, ``requires_grad``
+  flags and content right after that override against the baseline (the content then, not at the end of
+  evaluation: what counts is the model as it is given back, so observers switched off for evaluation and on again
+  there are no change); otherwise Lightning restores each mode itself and the ``requires_grad`` flags are compared
+  at the end of evaluation.
 - Training: grad on at every ``on_train_batch_start``; no trainable submodule in eval mode at the first batch of
   each epoch (after ``on_train_epoch_start`` hooks such as ``BackboneFinetuning`` ran).
 - torchmetrics objects (registered submodules): update counts are read when each epoch's first batch starts and
@@ -109,7 +111,8 @@ class ModeCheck(Callback):
             mode without grad, and report outputs that differ (LV103). The random number generators are restored
             afterwards, so the probe does not change the run's randomness.
         report_path: where to write the JSON report, or ``None``.
-        verbose: log the end-of-run summary (and info lines such as a buffer filled in on the first forward).
+        verbose: log the end-of-run summary (and info lines such as a buffer filled in on the first forward or a
+            cache rebuilt with another shape, which are not reported).
 
     Attributes:
         findings: the distinct findings of every run of this callback (``fit`` then ``test`` keeps both runs'
@@ -399,13 +402,17 @@ class ModeCheck(Callback):
     def _finish_eval(self, boundary: str) -> None:
         """End of an evaluation: compare content (and ``requires_grad`` without a restore override) to the baseline."""
         run = self._eval
-        if run is None or run.finished or self._module is None:
+        if run is None or self._module is None:
+            return
+        if run.finished:  # a content comparison left for the restore hook, which never ran
+            self._reporter.report(run.finish_pending(boundary))
             return
         self._count(boundary)
-        # requires_grad flags are compared here unless the LightningModule overrides the restore hook (then right
-        # after it, with the modes).
-        findings = run.finish(self._module, boundary, requires_grad=run.stage not in self._restore_hooked,
-                              buffers=not buffers_broadcast(self._trainer), verbose=self.verbose)
+        # With a restore override, the content, requires_grad flags and modes are compared right after it: the
+        # model as it is given back.
+        hooked = run.stage in self._restore_hooked
+        findings = run.finish(self._module, boundary, requires_grad=not hooked,
+                              buffers=not buffers_broadcast(self._trainer), verbose=self.verbose, after_restore=hooked)
         self._train.close_metrics(run.stage, epoch_end=True)
         self._reporter.report(findings)
 

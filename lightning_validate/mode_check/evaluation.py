@@ -20,7 +20,7 @@ from lightning_validate.engine import (
     check_eval_state,
     compare,
     give_back,
-    initialised_buffers,
+    not_state,
     take_snapshot,
 )
 from lightning_validate.findings import Finding
@@ -30,6 +30,14 @@ from lightning_validate.mode_check.report import GivenBack, log
 from lightning_validate.stages import RunningStage, hook_word
 
 __all__ = ["EvalRun"]
+
+
+@dataclass(frozen=True)
+class _Pending:
+    """What the content comparison left for after the restore needs to know."""
+
+    buffers: bool
+    verbose: bool
 
 
 @dataclass
@@ -55,6 +63,7 @@ class EvalRun:
     finished: bool = False
     probe_calls: ProbeCalls | None = None
     probe_handles: list[RemovableHandle] = field(default_factory=list)
+    pending: _Pending | None = None  # the content comparison, left by `finish` for after the restore
 
     def __post_init__(self) -> None:
         if not self.marks:
@@ -78,36 +87,65 @@ class EvalRun:
             self.batches += 1
         findings = check_eval_state(self.index, phase=self.phase, boundary=boundary, allow_grad=allow_grad)
         if not start and self.probe_calls is not None:
-            findings += self._probe()
+            findings += self._probe(module)
         return findings
 
-    def finish(self, module: nn.Module, boundary: str, *, requires_grad: bool, buffers: bool,
-               verbose: bool) -> list[Finding]:
+    def finish(self, module: nn.Module, boundary: str, *, requires_grad: bool, buffers: bool, verbose: bool,
+               after_restore: bool = False) -> list[Finding]:
         """Content (and ``requires_grad`` flags when asked) at the end of the evaluation against the baseline.
 
-        Modes are still those of evaluation here; they are checked after the restore.
+        Modes are still those of evaluation here; they are checked after the restore. With ``after_restore`` (the
+        LightningModule overrides ``on_{stage}_model_train``) the content is compared after that override, in
+        ``check_restore``: what counts is the model once it is given back, so a switch made for the evaluation
+        (observers off in ``on_{stage}_model_eval``) and undone by the override is not a change.
         """
         self.finished = True
         self.remove_probe()
         if self.dirty or len(self.marks) == 1:
+            # Also before a comparison left for the restore: a change seen there is then told from the override's.
             self.marks.append(Mark(take_snapshot(module, content=True, grads=True), batches=self.batches))
-        end = self.marks[-1].snapshot
-        if verbose:
-            for name, was, now in initialised_buffers(self.baseline, end):
-                log.info("ModeCheck: buffer `%s` was filled in on the first forward (shape %s -> %s): "
-                          "initialisation, not reported", name, was, now)
+        if after_restore:
+            self.pending = _Pending(buffers, verbose)
+            return []
+        return self._compare_content(self.marks[-1].snapshot, boundary, requires_grad=requires_grad, buffers=buffers,
+                                     verbose=verbose)
+
+    def finish_pending(self, boundary: str) -> list[Finding]:
+        """The content comparison ``finish`` left for after the restore, when the restore hook never ran."""
+        pending, self.pending = self.pending, None
+        if pending is None:
+            return []
+        return self._compare_content(self.marks[-1].snapshot, boundary, requires_grad=False,
+                                     buffers=pending.buffers, verbose=pending.verbose)
+
+    def check_restore(self, module: nn.Module, owner: str) -> list[Finding]:
+        """After the LightningModule's ``on_{stage}_model_train`` override: modes and flags as before ``.eval()``.
+
+        And the content, when ``finish`` left it for now.
+        """
+        hook = f"on_{hook_word(self.stage)}_model_train"
+        pending, self.pending = self.pending, None
+        after = take_snapshot(module, content=pending is not None, grads=pending is not None)
+        findings: list[Finding] = []
+        if pending is not None:
+            self.marks.append(Mark(after, f"{owner}.{hook}", False, self.batches))
+            findings = self._compare_content(after, hook, requires_grad=False, buffers=pending.buffers,
+                                             verbose=pending.verbose)
+            after = replace(after, _fingerprint=None)  # content is compared: modes and flags only below
+        restored = compare(self.baseline, after, phase=self.phase, boundary=hook, structure=False,
+                           allow_train_mode=self.allow_train_mode)
+        detail = f"made by `{owner}.{hook}`"
+        return findings + [replace(f, detail="; ".join(x for x in (f.detail, detail) if x)) for f in restored]
+
+    def _compare_content(self, end: Snapshot, boundary: str, *, requires_grad: bool, buffers: bool,
+                         verbose: bool) -> list[Finding]:
+        """Parameters, buffers, ``.grad``, structure (and flags) at ``end`` against the baseline, attributed."""
+        if verbose and buffers:
+            for item in not_state(self.baseline, end):
+                log.info("ModeCheck: buffer `%s` %s, not reported", item.name, item.describe())
         findings = compare(self.baseline, end, phase=self.phase, boundary=boundary, modes=False,
                            requires_grad=requires_grad, buffers=buffers, allow_train_mode=self.allow_train_mode)
         return attribute(self.marks, findings, self.phase, self.stage) if findings else findings
-
-    def check_restore(self, module: nn.Module, owner: str) -> list[Finding]:
-        """After the LightningModule's ``on_{stage}_model_train`` override: modes and flags as before ``.eval()``."""
-        hook = f"on_{hook_word(self.stage)}_model_train"
-        after = take_snapshot(module, content=False, grads=False)
-        findings = compare(self.baseline, after, phase=self.phase, boundary=hook, structure=False,
-                           allow_train_mode=self.allow_train_mode)
-        detail = f"made by `{owner}.{hook}`"
-        return [replace(f, detail="; ".join(x for x in (f.detail, detail) if x)) for f in findings]
 
     def give_back(self, module: nn.Module, grad_enabled: bool) -> GivenBack:
         """After an exception inside the evaluation: each submodule's mode, the flags and grad mode as before it."""
@@ -125,7 +163,7 @@ class EvalRun:
         remove_hooks(self.probe_handles)
         self.probe_handles = []
 
-    def _probe(self) -> list[Finding]:
+    def _probe(self, module: nn.Module) -> list[Finding]:
         """Run each recorded call twice; differing outputs mean randomness in eval mode."""
         self.remove_probe()
         calls, self.probe_calls = self.probe_calls or {}, None
@@ -133,4 +171,4 @@ class EvalRun:
             return []
         allowed = [m for n, m in zip(self.index.names, self.index.modules, strict=True)
                    if self.allow_train_mode.covers(n)]
-        return probe_findings(calls, allowed, self.phase, self.stage)
+        return probe_findings(module, calls, allowed, self.phase, self.stage)

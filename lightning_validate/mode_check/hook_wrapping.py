@@ -88,7 +88,8 @@ class HookWrappers:
                 mark: Callable[[str, str, bool], None], finish_eval: Callable[[str], None]) -> set[RunningStage]:
         """Wrap the hooks of every evaluation stage of the trainer function ``fn``; the stages whose restore is hooked.
 
-        - ``on_{stage}_model_eval``: ``begin_eval(stage)`` first, right before ``.eval()`` (the baseline);
+        - ``on_{stage}_model_eval``: ``begin_eval(stage)`` first, right before ``.eval()`` (the baseline), and when
+          the LightningModule overrides it ``mark("", "Owner.on_{stage}_model_eval", False)`` after it;
         - ``on_{stage}_model_train`` when the LightningModule overrides it: ``check_restore(stage)`` after it;
         - the overridden ``on_{stage}_start``, ``..._epoch_start``, ``..._epoch_end`` and ``..._end`` of the other
           callbacks (``skip`` excepted, and Lightning's read-only ones) and of the LightningModule:
@@ -106,7 +107,12 @@ class HookWrappers:
         restore_hooked: set[RunningStage] = set()
         for stage in evaluation_stages(fn):
             s = hook_word(stage)
-            self.wrap(pl_module, f"on_{s}_model_eval", functools.partial(begin_eval, stage), None)
+            # An override may change the model after the baseline (observers switched off for the evaluation): a
+            # mark after it tells such a change from the steps'.
+            eval_hook = f"on_{s}_model_eval"
+            after_eval = (functools.partial(mark, "", f"{type(pl_module).__name__}.{eval_hook}", False)
+                          if is_overridden(eval_hook, pl_module) else None)
+            self.wrap(pl_module, eval_hook, functools.partial(begin_eval, stage), after_eval)
             if stage is not RunningStage.PREDICTING and is_overridden(f"on_{s}_model_train", pl_module):
                 restore_hooked.add(stage)
                 self.wrap(pl_module, f"on_{s}_model_train", None, functools.partial(check_restore, stage), sync=True)

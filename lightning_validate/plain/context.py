@@ -32,7 +32,7 @@ from lightning_validate.engine import (
     ModeIndex,
     check_eval_state,
     compare,
-    initialised_buffers,
+    not_state,
     take_snapshot,
     unwrap,
 )
@@ -120,9 +120,8 @@ def evaluating(
     if before is not None and policy is not None:
         after = take_snapshot(inner, grads=True)
         findings += compare(before, after, phase=PLAIN, boundary="end", allow_train_mode=allowed)
-        for name, was, now in initialised_buffers(before, after):
-            _log.info("evaluating(): buffer `%s` was filled in on the first forward (shape %s -> %s): "
-                      "initialisation, not reported", name, was, now)
+        for item in not_state(before, after):
+            _log.info("evaluating(): buffer `%s` %s, not reported", item.name, item.describe())
         _report(findings, policy)
 
 

@@ -43,9 +43,15 @@ from lightning_validate.metrics.accumulators import LossAccumulator, sum_dtype
 from lightning_validate.metrics.batches import batch_size_of, describe, to_device, unpack_example
 from lightning_validate.metrics.checks import check_metric_dict
 from lightning_validate.metrics.inputs import split_inputs, update_metric
-from lightning_validate.metrics.loss_terms import LossTerms, batch_loss, value_terms
+from lightning_validate.metrics.intervals import Intervals, intervals_from
+from lightning_validate.metrics.loss_calls import recorded_terms
+from lightning_validate.metrics.loss_terms import LossMean, LossTerms, loss_plan, value_terms
+from lightning_validate.metrics.perplexity import PPL
+from lightning_validate.metrics.perplexity import perplexity as perplexity_of
 from lightning_validate.metrics.states import restore_states, save_states
+from lightning_validate.metrics.uncertainty import EvaluationIntervals
 from lightning_validate.plain.context import evaluating
+from lightning_validate.plain.intervals import finish_intervals, per_metric, tracker_for
 from lightning_validate.progress import DEFAULT_INTERVAL, Throttle, format_postfix
 
 __all__ = ["validate"]
@@ -64,13 +70,15 @@ def validate(
     model: nn.Module,
     dataloader: Iterable[Any],
     *,
-    criterion: Callable[[Any, Any], Tensor | LossTerms] | None = None,
+    criterion: Callable[[Any, Any], Tensor | LossTerms | LossMean] | None = None,
     metrics: Mapping[str, Metric] | MetricCollection | None = None,
     step: Step | None = None,
     metric_inputs: MetricInputs | None = None,
     device: torch.device | str | None = None,
     progress: bool = True,
     desc: str = "Valid",
+    perplexity: bool = False,
+    confidence: float | Intervals | None = None,
 ) -> dict[str, float]:
     """Evaluate ``model`` on every batch of ``dataloader``; return the loss and metrics as plain floats.
 
@@ -100,10 +108,11 @@ def validate(
     dataloader (``reduction="sum"``: the sum over it). For every ``torch.nn`` loss module this is exact by
     itself: each batch adds torch's own numerator and denominator (for ``CrossEntropyLoss(weight=w,
     ignore_index=i)``, ``sum(w[y])`` over the targets not ignored; a batch with every target ignored adds nothing).
-    Any other criterion is exact when it returns one loss per sample (or per element: each counts once) or
-    ``LossTerms(sum, weight)``; a 0-dim batch mean is weighted by the batch size (the first dimension of
-    ``target``), which is exact only for a mean over samples (``docs/losses.md``). Sums stay on the device until
-    the end.
+    Any other criterion is exact when it returns what a torch loss call inside it returned (``lambda logits, y:
+    F.cross_entropy(logits.flatten(0, 1), y.flatten())``: that call's own denominator, the tokens not ignored), one
+    loss per sample (or per element: each counts once), ``LossTerms(sum, weight)`` or ``LossMean(mean, weight)``;
+    any other 0-dim value is weighted by the batch size (the first dimension of ``target``), which is exact only for
+    a mean over samples (``docs/losses.md``, ``docs/language-models.md``). Sums stay on the device until the end.
 
     The metrics are reset when ``validate()`` starts (a metric that was updated before, during training, would
     otherwise mix in training data) and are left holding this run's states, so ``metric.compute()`` afterwards
@@ -120,8 +129,8 @@ def validate(
         model: the model (a ``torch.compile``d or DDP-wrapped module is fine).
         dataloader: any iterable of batches, usually a ``torch.utils.data.DataLoader``.
         criterion: a ``torch.nn`` loss module, e.g. ``nn.CrossEntropyLoss(ignore_index=255)``, or any
-            ``criterion(outputs, target)`` returning the batch mean, one loss per sample, or ``LossTerms``. Its
-            value over the whole dataloader is returned as ``"loss"``.
+            ``criterion(outputs, target)`` returning the batch mean, one loss per sample, ``LossTerms`` or
+            ``LossMean``. Its value over the whole dataloader is returned as ``"loss"``.
         metrics: a dict of torchmetrics ``Metric`` objects or a ``MetricCollection``; results keep their names.
         step: ``step(batch, model) -> (outputs, target)`` for batches that are not ``(inputs, target)``. It gets
             the batch already on ``device``.
@@ -133,23 +142,52 @@ def validate(
         device: where batches go; default: the device of the model's first parameter or buffer (CPU if none).
         progress: show a tqdm bar counting samples, with the running values in its postfix.
         desc: the bar's label.
+        perplexity: also return ``"ppl"``, ``exp`` of the exact loss over the whole dataloader (the perplexity of
+            the set for a token-mean cross-entropy; never a mean of batch perplexities). Needs a mean ``criterion``.
+        confidence: a confidence level (``0.95``) or ``Intervals(...)``: every value also gets its interval, as
+            ``"<name>_low"`` and ``"<name>_high"`` (``docs/uncertainty.md``: which method for which value). A value
+            without one is named in a warning. Default ``None``: no intervals, and nothing extra per batch.
 
     Returns:
-        ``{"loss": ..., <metric name>: ...}`` as Python floats: ``"loss"`` when a criterion is given, one entry per
-        metric (a metric that computes a dict, such as ``ClasswiseWrapper``, adds one entry per key).
+        ``{"loss": ..., "ppl": ..., <metric name>: ...}`` as Python floats: ``"loss"`` when a criterion is given,
+        ``"ppl"`` with ``perplexity=True``, one entry per metric (a metric that computes a dict, such as
+        ``ClasswiseWrapper``, adds one entry per key); with ``confidence``, ``"<name>_low"`` and ``"<name>_high"``
+        after them.
 
     Raises:
         TypeError: if ``metrics`` are not torchmetrics objects, a batch cannot be unpacked as ``(inputs, target)``,
             ``step`` does not return ``(outputs, target)``, the criterion returns neither a float tensor nor
-            ``LossTerms``, ``metric_inputs`` returns something else than a tuple or a dict of tuples, a metric fails
-            on inputs that are not tensors (the message gives the ``metric_inputs`` to write), or a metric computes
-            something other than a scalar.
+            ``LossTerms``/``LossMean``, ``perplexity`` is not a bool, ``metric_inputs`` returns something else than
+            a tuple or a dict of tuples, a metric fails on inputs that are not tensors (the message gives the
+            ``metric_inputs`` to write), or a metric computes something other than a scalar.
         ValueError: if neither ``criterion`` nor ``metrics`` is given, a metric is named ``"loss"`` next to a
-            criterion, two results share a name, the dataloader yields no batch, or the criterion returns a
-            per-sample loss whose first dimension is not the batch size.
+            criterion (or ``"ppl"`` with ``perplexity``), ``perplexity`` has no mean criterion, two results share a
+            name, the dataloader yields no batch, the criterion returns a per-sample loss whose first dimension is
+            not the batch size, or ``confidence`` is not a level.
 
     """
+    return _validate(model, dataloader, criterion=criterion, metrics=metrics, step=step, metric_inputs=metric_inputs,
+                     device=device, progress=progress, desc=desc, perplexity=perplexity, confidence=confidence)[0]
+
+
+def _validate(
+    model: nn.Module,
+    dataloader: Iterable[Any],
+    *,
+    criterion: Callable[[Any, Any], Tensor | LossTerms | LossMean] | None,
+    metrics: Mapping[str, Metric] | MetricCollection | None,
+    step: Step | None,
+    metric_inputs: MetricInputs | None,
+    device: torch.device | str | None,
+    progress: bool,
+    desc: str,
+    perplexity: bool = False,
+    confidence: float | Intervals | None = None,
+) -> tuple[dict[str, float], EvaluationIntervals | None]:
+    """``validate()``, and the tracker of its intervals (for a per-sample record); arguments as there."""
+    spec = intervals_from(confidence, "argument `confidence`")
     collection, metric_list = _check_metrics(metrics, with_criterion=criterion is not None)
+    _check_perplexity(perplexity, criterion, metric_list)
     if criterion is None and collection is None and not metric_list:
         raise ValueError(
             "validate() has nothing to compute: expected `criterion` or `metrics` but got neither. Pass one, e.g. "
@@ -179,6 +217,7 @@ def validate(
         root.to(target_device)
     saved = save_states(roots)
     named: list[tuple[str | None, Any]] = [(None, collection)] if collection is not None else list(metric_list)
+    tracker = tracker_for(spec, named, criterion, dataloader) if spec is not None else None
     bar = None
     try:
         for root in roots:
@@ -186,11 +225,14 @@ def validate(
         if progress:
             bar = tqdm(total=_num_samples(dataloader), desc=desc, unit=" samples")
         with evaluating(model, inference_mode=step is None):
-            loss = _run(model, dataloader, criterion, named, step, target_device, bar, metric_inputs)
-            values = _values(loss, named)
+            loss = _run(model, dataloader, criterion, named, step, target_device, bar, metric_inputs, perplexity,
+                        tracker)
+            values = _values(loss, named, perplexity)
+            if tracker is not None:
+                values.update(finish_intervals(tracker, values, target_device))
         if bar is not None:
             bar.set_postfix(format_postfix(values), refresh=False)
-        return values
+        return values, tracker
     except BaseException:
         restore_states(saved)
         raise
@@ -208,12 +250,14 @@ _EMPTY = (
 def _run(
     model: nn.Module,
     dataloader: Iterable[Any],
-    criterion: Callable[[Any, Any], Tensor | LossTerms] | None,
+    criterion: Callable[[Any, Any], Tensor | LossTerms | LossMean] | None,
     named: list[tuple[str | None, Any]],
     step: Step | None,
     device: torch.device,
     bar: Any,
     metric_inputs: MetricInputs | None = None,
+    with_perplexity: bool = False,
+    tracker: EvaluationIntervals | None = None,
 ) -> LossAccumulator | None:
     """Run the batch loop: on-device sums only; the host learns batch sizes from shapes, never from values."""
     throttle = Throttle(_REFRESH_INTERVAL)
@@ -221,6 +265,7 @@ def _run(
     loss = None
     if criterion is not None:
         loss = LossAccumulator("sum" if getattr(criterion, "reduction", "mean") == "sum" else "mean")
+    plan = loss_plan(criterion)  # a torch loss: its own value, with its numerator's denominator beside it
     seen = 0
     for batch in dataloader:
         batch = to_device(batch, device)
@@ -230,17 +275,22 @@ def _run(
         else:
             outputs, target = _check_step_result(step(batch, model))
         n = _batch_size(target, outputs)
+        terms = None
         if loss is not None:
             assert criterion is not None
-            terms = batch_loss(criterion, outputs, target)  # a torch loss: its own numerator and denominator
-            if terms is None:
-                terms = value_terms(criterion(outputs, target), n, is_sum=loss.reduction == "sum", what=_CRITERION)
+            terms = plan(outputs, target) if plan is not None else None
+            if terms is None:  # any other callable: the terms of the torch loss call it returns, if any
+                value, terms = recorded_terms(criterion, outputs, target, is_sum=loss.reduction == "sum")
+                if terms is None:
+                    terms = value_terms(value, n, is_sum=loss.reduction == "sum", what=_CRITERION)
             loss.add(terms)
-        _update_metrics(named, outputs, target, metric_inputs)
+        args = _update_metrics(named, outputs, target, metric_inputs)
+        if tracker is not None:
+            tracker.update(outputs, target, per_metric(named, args), terms, n)
         seen += n
         if bar is not None:
             if throttle.due():
-                running = _values(loss, named if show_metrics else [])
+                running = _values(loss, named if show_metrics else [], with_perplexity)
                 bar.set_postfix(format_postfix(running), refresh=False)
             bar.update(n)
     if seen == 0:
@@ -267,6 +317,24 @@ def _check_metrics(
             "result) but got `metrics['loss']`. Rename it, e.g. `metrics={'my_loss': ...}`."
         )
     return None, items
+
+
+def _check_perplexity(perplexity: object, criterion: object, metrics: list[tuple[str, Metric]]) -> None:
+    if not isinstance(perplexity, bool):
+        raise TypeError(f"Expected argument `perplexity` to be True or False but got {perplexity!r}.")
+    if not perplexity:
+        return
+    if criterion is None or getattr(criterion, "reduction", "mean") == "sum":
+        got = "no `criterion`" if criterion is None else "a `criterion` with `reduction='sum'`"
+        raise ValueError(
+            f"Expected a mean `criterion` with `perplexity=True` (perplexity is `exp` of the mean token loss) but got "
+            f"{got}. Pass e.g. `validate(model, loader, criterion=nn.CrossEntropyLoss(), perplexity=True)`."
+        )
+    if any(name == PPL for name, _ in metrics):
+        raise ValueError(
+            "Expected metric names other than 'ppl' with `perplexity=True` ('ppl' is the criterion's perplexity) but "
+            "got `metrics['ppl']`. Rename it, e.g. `metrics={'my_ppl': ...}`."
+        )
 
 
 def _known_len(obj: object) -> int | None:
@@ -337,10 +405,10 @@ def _batch_size(target: Any, outputs: Any) -> int:
 
 def _update_metrics(
     named: list[tuple[str | None, Any]], outputs: Any, target: Any, metric_inputs: MetricInputs | None
-) -> None:
-    """Update every metric with what ``metric_inputs`` returned (default: ``(outputs, target)``)."""
+) -> list[tuple[Any, ...]]:
+    """Update every metric with what ``metric_inputs`` returned (default: ``(outputs, target)``); return that."""
     if not named:
-        return
+        return []
     if metric_inputs is None:
         inputs = [(outputs, target)] * len(named)
     else:
@@ -354,6 +422,7 @@ def _update_metrics(
         inputs = split_inputs(result, [name or "" for name, _ in named], hook="`metric_inputs(outputs, target)`")
     for (name, metric), args in zip(named, inputs, strict=True):
         update_metric(metric, args, key=name or type(metric).__name__, outputs=outputs, target=target, fix=_fix)
+    return inputs
 
 
 def _fix(outputs: str, target: str) -> str:
@@ -367,16 +436,23 @@ def _fix(outputs: str, target: str) -> str:
 # Values
 
 
-def _values(loss: LossAccumulator | None, named: list[tuple[str | None, Any]]) -> dict[str, float]:
-    """Compute the loss and every metric, and read them back to the host together."""
+def _values(
+    loss: LossAccumulator | None, named: list[tuple[str | None, Any]], with_perplexity: bool = False
+) -> dict[str, float]:
+    """Compute the loss (and its perplexity) and every metric, and read them back to the host together."""
     values: dict[str, Tensor | float] = {}
     running = loss.running_value() if loss is not None else None
     if running is not None:
         values["loss"] = running
+        if with_perplexity:
+            values[PPL] = 0.0  # its place in the results, after the loss; the value follows from the loss's
     for name, metric in named:
         computed = metric.compute()
         _merge(values, computed if name is None else {name: computed})
-    return _to_host(values)
+    host = _to_host(values)
+    if PPL in host and with_perplexity:
+        host[PPL] = perplexity_of(host["loss"])
+    return host
 
 
 def _merge(values: dict[str, Tensor | float], computed: Mapping[str, Any]) -> None:

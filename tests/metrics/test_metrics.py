@@ -88,8 +88,9 @@ def test_loss_accumulator_counts_nonfinite_batches_and_rejects_bad_input():
     with pytest.raises(TypeError, match=r"Expected `LossTerms.weight` from the loss function to be a 0-dim tensor "
                                         r"or a number but got a tensor of shape \(2,\)"):
         acc.update(LossTerms(torch.tensor(1.0), torch.ones(2)), 2)
-    with pytest.raises(TypeError, match=r"Expected `LossTerms.sum` from the loss function to be a 0-dim float tensor"):
-        acc.update(LossTerms(torch.ones(2), 2), 2)
+    with pytest.raises(TypeError, match=r"Expected `LossTerms.sum` from the loss function to be a 0-dim float tensor "
+                                        r"or one per row, of shape \(2,\) but got a tensor of shape \(3,\)"):
+        acc.update(LossTerms(torch.ones(3), 2), 2)
     with pytest.raises(ValueError, match="Expected argument `reduction` to be 'mean' or 'sum' but got 'none'"):
         LossAccumulator("none")
 

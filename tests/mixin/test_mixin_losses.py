@@ -94,11 +94,18 @@ class OwnPerPixel(Passthrough):
         return (outputs - 1.0).square()
 
 
-class OwnBatchMean(Passthrough):
-    """A 0-dim batch mean: weighted by the batch size, exact only for a mean over samples."""
+class OwnLossCall(Passthrough):
+    """A torch loss call returned as it is: the mixin reads that call's own terms (the pixels kept)."""
 
     def compute_loss(self, outputs: Tensor, target: Tensor) -> Tensor:
         return F.cross_entropy(outputs, target, ignore_index=VOID)
+
+
+class OwnBatchMean(Passthrough):
+    """A 0-dim batch mean that is no loss call's own result: weighted by the batch size."""
+
+    def compute_loss(self, outputs: Tensor, target: Tensor) -> Tensor:
+        return 1.0 * F.cross_entropy(outputs, target, ignore_index=VOID)
 
 
 def test_compute_loss_terms_and_per_element_values_are_exact() -> None:
@@ -108,6 +115,8 @@ def test_compute_loss_terms_and_per_element_values_are_exact() -> None:
     assert terms == pytest.approx(case.reference(), abs=1e-6)
     per_pixel = trainer().validate(OwnPerPixel(nn.Identity()), loader(case), verbose=False)[0]["val/loss"]
     assert per_pixel == pytest.approx((x.double() - 1).square().mean().item(), abs=1e-6)
+    own_call = trainer().validate(OwnLossCall(nn.Identity()), loader(case), verbose=False)[0]["val/loss"]
+    assert own_call == pytest.approx(case.reference(), abs=1e-6)  # also the all-void batch: it adds nothing
     # The documented limit of a batch mean: each batch counts by its number of samples, not of pixels kept.
     means = [F.cross_entropy(o.double(), t, ignore_index=VOID) for o, t in case.batches()]
     kept = [(o, t) for (o, t), m in zip(case.batches(), means, strict=True) if not torch.isnan(m)]

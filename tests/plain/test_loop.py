@@ -504,8 +504,8 @@ def test_error_criterion_returns_neither_a_loss_nor_terms() -> None:
                                          r"\(2,\)\. Return the batch mean .* or `LossTerms\(sum, weight\)`"):
         validate(mlp(), [data(4)], criterion=lambda o, t: o[:2, 0], progress=False)
     with pytest.raises(TypeError, match=r"Expected `criterion\(outputs, target\)` to return a float tensor "
-                                        r"\(the batch mean or one loss per sample\) or `LossTerms\(sum, weight\)` "
-                                        r"but got float 0.5"):
+                                        r"\(the batch mean or one loss per sample\), `LossTerms\(sum, weight\)` or "
+                                        r"`LossMean\(mean, weight\)` but got float 0.5"):
         validate(mlp(), [data(4)], criterion=lambda o, t: 0.5, progress=False)  # type: ignore[arg-type,return-value]
 
 

@@ -80,8 +80,8 @@ def test_evaluating_gives_everything_back_at_each_batch_position(at: int) -> Non
         out = torch.cat([model(inputs) for inputs, _ in batches(x, y)])
     assert state(model) == before
     assert torch.allclose(out.double().softmax(1).sum(), torch.tensor(float(N), dtype=torch.float64))
-    with evaluating(model):
-        assert torch.equal(out, model(x))
+    with evaluating(model):  # batched and whole-set matrix products may round differently (BLAS blocking)
+        torch.testing.assert_close(out, model(x), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("where", ["first", "middle", "last", "metric update"])
