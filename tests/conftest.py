@@ -22,3 +22,18 @@ def _restore_torch_globals() -> Iterator[None]:
     yield
     torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
     torch.set_grad_enabled(grad)
+
+
+@pytest.fixture(autouse=True)
+def _no_process_group_left() -> Iterator[None]:
+    """A test that starts a process group in this process ends it before the next test.
+
+    A gloo group still alive at interpreter shutdown can abort the process (pytorch #190489; see
+    ``distributed_exit.py``), so a test that leaves one fails here, after its group is destroyed.
+    """
+    yield
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+        pytest.fail("The test left a process group initialized: destroy it in a `finally` "
+                    "(`distributed_exit.ended_process_group()`).")

@@ -5,10 +5,21 @@ findings; under sharding (FSDP, FSDP2's ``fully_shard``) each rank fingerprints 
 touches one rank's shard is seen by that rank alone. At boundaries that every rank passes in the same order, the
 ranks exchange the findings they made since the last exchange, so that every rank reports the same verdict: all
 warn (rank zero prints the other ranks' findings too) or all raise, and none is left waiting in a collective.
+
+The exchange leaves nothing in flight. A gloo collective returns when its result is ready, but the backend's worker
+thread still holds the tensors for a moment, and letting go of a tensor that Python also holds takes the GIL. If the
+process reaches interpreter shutdown in that moment (a ``ddp_spawn`` worker returns right after ``on_train_end``,
+where the last exchange happens), the thread gets the GIL only once shutdown has begun, Python ends the thread from
+inside C++, and the process aborts with ``terminate called without an active exception`` (pytorch #190489). So the
+exchange uses plain tensors it owns (findings as JSON bytes, no pickled objects) and returns only once the backend
+has let go of every one of them (or after ``_RELEASE_TIMEOUT_S``).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import time
 from collections.abc import Sequence
 
 import lightning.pytorch as pl
@@ -16,7 +27,11 @@ import torch
 
 from lightning_validate.findings import Finding, ModeCheckError
 
-__all__ = ["agreed_error", "buffers_broadcast", "share_findings"]
+__all__ = ["agreed_error", "all_gather_bytes", "buffers_broadcast", "released", "share_findings"]
+
+#: The longest wait for the backend to let go of the exchange's tensors; it normally takes microseconds. Past it
+#: the exchange returns anyway: a slow backend thread then keeps the risk it had before, it never hangs the run.
+_RELEASE_TIMEOUT_S = 1.0
 
 
 def share_findings(mine: Sequence[Finding]) -> list[tuple[int, Finding]]:
@@ -24,21 +39,115 @@ def share_findings(mine: Sequence[Finding]) -> list[tuple[int, Finding]]:
 
     A collective over the default process group (the one Lightning's strategies use): every rank must call it at
     the same boundary. Without an initialized process group only this process's findings come back.
+
+    Example:
+        >>> from lightning_validate.findings import make_finding
+        >>> f = make_finding("LV301", module="grad mode", phase="train", boundary="on_train_batch_start",
+        ...                  expected="grad enabled", seen="grad disabled")
+        >>> share_findings([f, f]) == [(0, f)]
+        True
+
     """
     dist = torch.distributed
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        gathered: list[object] = [list(mine)]
+        gathered = [list(mine)]
     else:
-        gathered = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, list(mine))  # one small pickled list per rank, at phase boundaries only
+        gathered = [_decode(payload) for payload in all_gather_bytes(_encode(mine))]
     out: list[tuple[int, Finding]] = []
     seen: set[tuple[str, str, str]] = set()
     for rank, findings in enumerate(gathered):
-        for f in findings if isinstance(findings, list) else []:
-            if isinstance(f, Finding) and f.key not in seen:
+        for f in findings:
+            if f.key not in seen:
                 seen.add(f.key)
                 out.append((rank, f))
     return out
+
+
+def _encode(findings: Sequence[Finding]) -> bytes:
+    """The findings as JSON bytes (their fields only); no findings, no bytes.
+
+    Example:
+        >>> _encode([])
+        b''
+
+    """
+    if not findings:
+        return b""
+    return json.dumps([dataclasses.asdict(f) for f in findings]).encode()
+
+
+def _decode(payload: bytes) -> list[Finding]:
+    """The findings back from ``_encode``'s bytes.
+
+    Example:
+        >>> from lightning_validate.findings import make_finding
+        >>> f = make_finding("LV301", module="grad mode", phase="train", boundary="on_train_batch_start",
+        ...                  expected="grad enabled", seen="grad disabled")
+        >>> _decode(_encode([f])) == [f]
+        True
+
+    """
+    return [Finding(**fields) for fields in json.loads(payload)] if payload else []
+
+
+def all_gather_bytes(payload: bytes) -> list[bytes]:
+    """Every rank's ``payload``, by rank: its length first, then (if any rank has one) the padded bytes.
+
+    Two small ``all_gather`` calls on tensors made here, each awaited and let go of by the backend before this
+    returns (``released``). With no findings anywhere, one.
+    """
+    dist = torch.distributed
+    device = _collective_device()
+    world = dist.get_world_size()
+    length = torch.tensor([len(payload)], dtype=torch.long, device=device)
+    lengths = [torch.zeros_like(length) for _ in range(world)]
+    dist.all_gather(lengths, length)
+    released([length, *lengths])
+    sizes = [int(n.item()) for n in lengths]
+    longest = max(sizes)
+    if longest == 0:
+        return [b""] * world
+    mine = torch.zeros(longest, dtype=torch.uint8, device=device)
+    if payload:
+        mine[: len(payload)] = torch.tensor(list(payload), dtype=torch.uint8)
+    theirs = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(theirs, mine)
+    released([mine, *theirs])
+    return [bytes(t[:n].tolist()) for t, n in zip(theirs, sizes, strict=True)]
+
+
+def _collective_device() -> torch.device:
+    """Where the default process group exchanges: the CPU under gloo (also beside NCCL), else this rank's GPU."""
+    backend = str(torch.distributed.get_backend())
+    if "gloo" in backend or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def released(tensors: Sequence[torch.Tensor], timeout_s: float = _RELEASE_TIMEOUT_S) -> bool:
+    """Wait until nothing but Python holds ``tensors``: the collective's backend thread has let go of them.
+
+    The thread takes the GIL to let go, so this sleeps (which gives the GIL up) between looks. GPU tensors are not
+    waited for: NCCL's watchdog lets go of them later by design, and Lightning destroys NCCL process groups at
+    exit, before interpreter shutdown. Returns whether they were let go of within ``timeout_s``.
+
+    Example:
+        >>> released([torch.zeros(1)])
+        True
+
+    """
+    use_count = getattr(torch.Tensor, "_use_count", None)  # private in torch; without it, nothing to wait for
+    watched = [t for t in tensors if t.device.type == "cpu"]
+    if use_count is None or not watched:
+        return True
+    deadline = time.monotonic() + timeout_s
+    pause = 1e-5
+    while any(use_count(t) > 1 for t in watched):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(pause)
+        pause = min(2 * pause, 1e-3)
+    return True
 
 
 def agreed_error(

@@ -7,6 +7,7 @@ last batch (64 + 64 + 1), so the step sees a dict batch that is all padding and 
 import lightning.pytorch as pl
 import pytest
 import torch
+from distributed_exit import DDPSpawn
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
@@ -53,7 +54,7 @@ def test_two_heads_under_ddp_give_the_single_process_values():
     x, y = torch.tensor(x / 16.0, dtype=torch.float32), torch.tensor(y)
     vx, vy = x[1000:1257], y[1000:1257]
     model = TwoHeads()
-    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_epochs=1, logger=False,
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=DDPSpawn(), max_epochs=1, logger=False,
                          enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False)
     trainer.fit(model, DataLoader(TensorDataset(x[:600], y[:600]), batch_size=64),
                 DataLoader(TensorDataset(vx, vy), batch_size=64))

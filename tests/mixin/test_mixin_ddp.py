@@ -8,6 +8,7 @@ data, with sklearn.
 import lightning.pytorch as pl
 import pytest
 import torch
+from distributed_exit import DDPSpawn
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
@@ -59,7 +60,7 @@ def ddp_trainer():
     return pl.Trainer(
         accelerator="cpu",
         devices=WORLD,
-        strategy="ddp_spawn",
+        strategy=DDPSpawn(),  # "ddp_spawn", ending the workers' process group (distributed_exit.py)
         max_epochs=1,
         logger=False,
         enable_checkpointing=False,

@@ -11,6 +11,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
+from distributed_exit import DDPSpawn
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
@@ -56,7 +57,7 @@ def test_intervals_and_replicates_under_ddp_equal_one_process(tmp_path: Path) ->
     spawn = tmp_path / "ddp"
     spawn.mkdir()
     model = Saving(str(spawn))
-    ddp = pl.Trainer(accelerator="cpu", devices=WORLD, strategy="ddp_spawn", logger=False, enable_progress_bar=False,
+    ddp = pl.Trainer(accelerator="cpu", devices=WORLD, strategy=DDPSpawn(), logger=False, enable_progress_bar=False,
                      enable_model_summary=False)
     ddp.validate(model, data, verbose=False)
     logged = {k: v.item() for k, v in ddp.callback_metrics.items()}

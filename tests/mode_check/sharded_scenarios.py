@@ -1,9 +1,10 @@
 """Scenarios for ``test_fsdp2.py``, run as a standalone script: sharded strategies re-run the command per rank.
 
-``python sharded_scenarios.py OUT_DIR {fsdp2,fsdp1}`` runs, in one launch, each scenario as its own ``trainer.fit``
-and writes ``OUT_DIR/<scenario>-<rank>.json`` per rank (findings, error, logged values, and the logits of the
-whole data under the weights gathered after the run, for references computed by the test). ``fsdp2``:
-``ModelParallelStrategy`` with ``fully_shard`` on 2 CPU processes (gloo); ``fsdp1``: ``FSDPStrategy`` on CUDA.
+``PYTHONPATH=tests python sharded_scenarios.py OUT_DIR {fsdp2,fsdp1}`` (``tests/`` holds ``distributed_exit.py``)
+runs, in one launch, each scenario as its own ``trainer.fit`` and writes ``OUT_DIR/<scenario>-<rank>.json`` per rank
+(findings, error, logged values, and the logits of the whole data under the weights gathered after the run, for
+references computed by the test). ``fsdp2``: ``ModelParallelStrategy`` with ``fully_shard`` on 2 CPU processes
+(gloo); ``fsdp1``: ``FSDPStrategy`` on CUDA. Every rank destroys its process group before it exits.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from distributed_exit import ended_process_group
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics import Metric
@@ -165,6 +167,11 @@ def main() -> None:
     out, kind = Path(sys.argv[1]), sys.argv[2]
     os.environ["LV_SCENARIO_STRATEGY"] = kind  # inherited by the processes the launcher starts
     warnings.filterwarnings("ignore", category=UserWarning)  # Lightning's advice on workers and logging intervals
+    with ended_process_group():  # each rank, also on an error: no gloo thread left for interpreter shutdown
+        run_all(kind, out)
+
+
+def run_all(kind: str, out: Path) -> None:
     # Each scenario is a fit of its own. The clean one runs the sanity check too; the others validate right after
     # training, when FSDP2 has just resharded every parameter (the root's stay unsharded after the validation).
     run(kind, out, "clean", "", ModeCheck(on_violation="raise", verbose=False), sanity=1)

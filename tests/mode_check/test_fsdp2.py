@@ -37,7 +37,8 @@ STRATEGIES = [
 def results(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Results:
     """Run every scenario once per strategy; ``{scenario: [rank 0's result, rank 1's result, ...]}``."""
     out = tmp_path_factory.mktemp(request.param)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    path = [str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]  # tests/: distributed_exit.py
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
     proc = subprocess.run([sys.executable, str(SCRIPT), str(out), request.param], cwd=out, env=env,
                           capture_output=True, text=True, timeout=150)  # a hang fails here
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]

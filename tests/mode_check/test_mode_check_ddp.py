@@ -11,6 +11,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
+from distributed_exit import DDPSpawn
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -48,7 +49,7 @@ def run(tmp_path: Path, check: ModeCheck, buggy_ranks: tuple[int, ...]) -> None:
     g = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(32, 8, generator=g), torch.randint(0, 3, (32,), generator=g))
     trainer = pl.Trainer(
-        accelerator="cpu", devices=2, strategy="ddp_spawn", max_epochs=2, limit_train_batches=2, limit_val_batches=2,
+        accelerator="cpu", devices=2, strategy=DDPSpawn(), max_epochs=2, limit_train_batches=2, limit_val_batches=2,
         num_sanity_val_steps=0, callbacks=[check], logger=False, enable_checkpointing=False,
         enable_model_summary=False, enable_progress_bar=False, default_root_dir=tmp_path,
     )
@@ -126,7 +127,7 @@ def test_exception_in_evaluation_under_ddp_spawn_then_clean_rerun(tmp_path: Path
     data = TensorDataset(torch.randn(32, 8, generator=g), torch.randint(0, 3, (32,), generator=g))
     check = ModeCheck(on_violation="raise", verbose=False)
     trainer = pl.Trainer(
-        accelerator="cpu", devices=2, strategy="ddp_spawn", max_epochs=1, limit_train_batches=2, limit_val_batches=2,
+        accelerator="cpu", devices=2, strategy=DDPSpawn(), max_epochs=1, limit_train_batches=2, limit_val_batches=2,
         num_sanity_val_steps=0, logger=False, enable_checkpointing=False, enable_model_summary=False,
         enable_progress_bar=False, default_root_dir=tmp_path, callbacks=[check],
     )
