@@ -3,6 +3,7 @@
 By concern:
 
 - ``accumulators``: exact epoch sums kept on the device (``LossAccumulator``, ``TargetRange``);
+- ``collectives``: waiting until a collective's backend thread has let go of its tensors (clean exits);
 - ``loss_terms``: each batch's loss and its weight, so that the epoch loss is the criterion on the whole set;
 - ``loss_calls``: the torch loss calls inside code the library does not see into, and the terms of the one returned;
 - ``perplexity``: ``exp`` of the exact epoch loss;

@@ -35,6 +35,7 @@ from torchmetrics import Metric
 from lightning_validate.findings import Policy
 from lightning_validate.metrics.accumulators import LossAccumulator, TargetRange
 from lightning_validate.metrics.batches import batch_size_of, describe
+from lightning_validate.metrics.collectives import released
 from lightning_validate.metrics.inputs import fix_code, update_metric
 from lightning_validate.metrics.intervals import interval_names
 from lightning_validate.metrics.loss_terms import BatchLoss
@@ -210,8 +211,10 @@ class Epoch:
             # Sums of sums and counts: exact. Over the data-parallel replicas only: the ranks of one
             # tensor-parallel group saw the same samples.
             group = data_parallel_group(trainer.strategy)
+            sent = [flat, extremes]
             flat = trainer.strategy.reduce(flat, group=group, reduce_op="sum")
             extremes = trainer.strategy.reduce(extremes, group=group, reduce_op="max")
+            released([*sent, flat, extremes])  # nothing left in gloo's thread for a worker's exit (collectives.py)
         if packs:
             parts = flat.split([sums.numel(), *(p.numel() for p in packs)])
             sums = parts[0].reshape(sums.shape)
@@ -322,7 +325,9 @@ class Epoch:
         for loader in self.loaders:
             sums = loader.loss.summary(device).to(device)
             if trainer.world_size > 1:
+                sent = sums
                 sums = trainer.strategy.reduce(sums, reduce_op="sum")
+                released([sent, sums])
             total, count = sums[:2].tolist()
             if count == 0:
                 continue

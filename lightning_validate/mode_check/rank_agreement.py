@@ -6,33 +6,25 @@ touches one rank's shard is seen by that rank alone. At boundaries that every ra
 ranks exchange the findings they made since the last exchange, so that every rank reports the same verdict: all
 warn (rank zero prints the other ranks' findings too) or all raise, and none is left waiting in a collective.
 
-The exchange leaves nothing in flight. A gloo collective returns when its result is ready, but the backend's worker
-thread still holds the tensors for a moment, and letting go of a tensor that Python also holds takes the GIL. If the
-process reaches interpreter shutdown in that moment (a ``ddp_spawn`` worker returns right after ``on_train_end``,
-where the last exchange happens), the thread gets the GIL only once shutdown has begun, Python ends the thread from
-inside C++, and the process aborts with ``terminate called without an active exception`` (pytorch #190489). So the
-exchange uses plain tensors it owns (findings as JSON bytes, no pickled objects) and returns only once the backend
-has let go of every one of them (or after ``_RELEASE_TIMEOUT_S``).
+The exchange leaves nothing in flight: the last one comes at ``on_train_end``, right before a ``ddp_spawn`` worker
+returns, and a gloo thread still holding its tensors at interpreter shutdown aborts the process (pytorch #190489;
+``metrics/collectives.py``). So it uses plain tensors it owns (findings as JSON bytes, no pickled objects, whose
+tensors ``all_gather_object`` keeps out of reach) and returns only once the backend has let go of every one of them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import time
 from collections.abc import Sequence
 
 import lightning.pytorch as pl
 import torch
 
 from lightning_validate.findings import Finding, ModeCheckError
+from lightning_validate.metrics.collectives import released
 
-__all__ = ["agreed_error", "all_gather_bytes", "buffers_broadcast", "released", "share_findings"]
-
-#: The longest wait for the backend to let go of the exchange's tensors; it normally takes microseconds. Past it
-#: the exchange returns anyway: a slow backend thread then keeps the risk it had before, it never hangs the run.
-_RELEASE_TIMEOUT_S = 1.0
-
+__all__ = ["agreed_error", "all_gather_bytes", "buffers_broadcast", "share_findings"]
 
 def share_findings(mine: Sequence[Finding]) -> list[tuple[int, Finding]]:
     """Every rank's findings since the last call, as ``(rank, finding)``, each distinct finding once, rank by rank.
@@ -122,32 +114,6 @@ def _collective_device() -> torch.device:
     if "gloo" in backend or not torch.cuda.is_available():
         return torch.device("cpu")
     return torch.device("cuda", torch.cuda.current_device())
-
-
-def released(tensors: Sequence[torch.Tensor], timeout_s: float = _RELEASE_TIMEOUT_S) -> bool:
-    """Wait until nothing but Python holds ``tensors``: the collective's backend thread has let go of them.
-
-    The thread takes the GIL to let go, so this sleeps (which gives the GIL up) between looks. GPU tensors are not
-    waited for: NCCL's watchdog lets go of them later by design, and Lightning destroys NCCL process groups at
-    exit, before interpreter shutdown. Returns whether they were let go of within ``timeout_s``.
-
-    Example:
-        >>> released([torch.zeros(1)])
-        True
-
-    """
-    use_count = getattr(torch.Tensor, "_use_count", None)  # private in torch; without it, nothing to wait for
-    watched = [t for t in tensors if t.device.type == "cpu"]
-    if use_count is None or not watched:
-        return True
-    deadline = time.monotonic() + timeout_s
-    pause = 1e-5
-    while any(use_count(t) > 1 for t in watched):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(pause)
-        pause = min(2 * pause, 1e-3)
-    return True
 
 
 def agreed_error(
