@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Iterator
 
 import numpy as np
 import pytest
 import torch
+from host_sync import no_host_sync
 from scipy import stats
 from torch import Tensor
 from torchmetrics import Metric
@@ -41,20 +41,6 @@ SETS = 2000
 FORBIDDEN = [(Tensor, "item"), (Tensor, "tolist"), (Tensor, "cpu"), (Tensor, "numpy"), (Tensor, "__bool__"),
              (Tensor, "__float__"), (Tensor, "__int__"), (Tensor, "nonzero"), (torch, "nonzero"),
              (torch, "bincount"), (torch, "unique")]
-
-
-@contextlib.contextmanager
-def no_host_sync(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    def forbid(name: str):  # type: ignore[no-untyped-def]
-        def raiser(*args: object, **kwargs: object) -> None:
-            raise AssertionError(f"host-device sync: {name}")
-
-        return raiser
-
-    with monkeypatch.context() as m:
-        for owner, name in FORBIDDEN:
-            m.setattr(owner, name, forbid(name))
-        yield
 
 
 @pytest.fixture
@@ -204,7 +190,7 @@ def test_update_never_reads_back(monkeypatch: pytest.MonkeyPatch) -> None:
     metric = MulticlassJaccardIndex(C, ignore_index=0)
     replicated = Replicated(metric, family_of(metric), PoissonWeights(50, 0))
     preds, target = data()["pixels"]
-    with no_host_sync(monkeypatch):
+    with no_host_sync(monkeypatch, FORBIDDEN):
         for start in range(0, N, 64):
             replicated.update((preds[start : start + 64], target[start : start + 64]),
                               torch.arange(start, min(start + 64, N)))

@@ -5,10 +5,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
+from host_sync import no_host_sync
 from loss_cases import CASE_IDS, CASES, VOID, Case, segmentation
 from torch import Tensor, nn
 
@@ -22,20 +22,6 @@ FORBIDDEN = [
     (Tensor, "__float__"), (Tensor, "__int__"), (Tensor, "__index__"), (Tensor, "nonzero"),
     (Tensor, "masked_select"), (torch, "nonzero"), (torch, "masked_select"), (torch, "unique"),
 ]
-
-
-@contextlib.contextmanager
-def no_host_sync(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    def forbid(name: str):
-        def raiser(*args: object, **kwargs: object) -> None:
-            raise AssertionError(f"host-device sync: {name}")
-
-        return raiser
-
-    with monkeypatch.context() as m:
-        for owner, name in FORBIDDEN:
-            m.setattr(owner, name, forbid(name))
-        yield
 
 
 def fill(case: Case, criterion: nn.Module) -> LossAccumulator:
@@ -59,7 +45,7 @@ def accumulate(case: Case, criterion: nn.Module) -> float:
 def test_batch_terms_give_the_criterion_on_the_whole_set(case: Case, monkeypatch: pytest.MonkeyPatch) -> None:
     criterion = case.make()
     before = dict(vars(criterion))
-    with no_host_sync(monkeypatch), torch.no_grad():
+    with no_host_sync(monkeypatch, FORBIDDEN), torch.no_grad():
         acc = fill(case, criterion)
     total, weight, nonfinite, batches = acc.summary().tolist()
     assert nonfinite == 0 and batches == len(case.batches())

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from host_sync import no_host_sync
 from scipy import stats
 from sklearn.metrics import f1_score
 from statsmodels.stats.proportion import proportion_confint
@@ -39,20 +39,6 @@ CPU = torch.device("cpu")
 FORBIDDEN = [(Tensor, "item"), (Tensor, "tolist"), (Tensor, "cpu"), (Tensor, "numpy"), (Tensor, "__bool__"),
              (Tensor, "__float__"), (Tensor, "__int__"), (Tensor, "nonzero"), (torch, "nonzero"),
              (torch, "bincount"), (torch, "unique"), (Tensor, "masked_select")]
-
-
-@contextlib.contextmanager
-def no_host_sync(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    def forbid(name: str):  # type: ignore[no-untyped-def]
-        def raiser(*args: object, **kwargs: object) -> None:
-            raise AssertionError(f"host-device sync: {name}")
-
-        return raiser
-
-    with monkeypatch.context() as m:
-        for owner, name in FORBIDDEN:
-            m.setattr(owner, name, forbid(name))
-        yield
 
 
 def run(metrics: Sequence[tuple[str, Metric]], batches: Sequence[tuple[Tensor, Tensor]], *,
@@ -266,9 +252,9 @@ def test_updates_and_pack_never_read_back(monkeypatch: pytest.MonkeyPatch) -> No
         for _, metric in metrics:  # torchmetrics' own update may sync (bincount): not the tracker's
             metric.update(logits, target)
         batch = batch_loss(criterion, logits, target)
-        with no_host_sync(monkeypatch):
+        with no_host_sync(monkeypatch, FORBIDDEN):
             tracker.update(logits, target, [(logits, target)] * 3, batch, 4)
-    with no_host_sync(monkeypatch):
+    with no_host_sync(monkeypatch, FORBIDDEN):
         packed = tracker.pack(CPU)
     assert packed.numel() == tracker.size()
 

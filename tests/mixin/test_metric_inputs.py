@@ -1,6 +1,5 @@
 """``ValidationMixin.metric_inputs``: tuple outputs, weighted targets and one metric per head, against sklearn."""
 
-import contextlib
 import importlib.util
 from pathlib import Path
 
@@ -8,6 +7,7 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
+from host_sync import no_host_sync
 from sklearn.datasets import load_digits
 from sklearn.metrics import accuracy_score, f1_score
 from torch import nn
@@ -203,22 +203,6 @@ FORBIDDEN = {(torch.Tensor, n) for n in ("item", "tolist", "cpu", "numpy", "__bo
 FORBIDDEN |= {(torch, n) for n in ("unique", "nonzero", "bincount", "masked_select")}  # output sizes from values
 
 
-@contextlib.contextmanager
-def no_host_sync(monkeypatch):
-    """Make every call that reads a device tensor back to the host raise (as it would sync on a GPU)."""
-
-    def forbid(name):
-        def raiser(*args, **kwargs):
-            raise AssertionError(f"host-device sync: {name} called in the step path")
-
-        return raiser
-
-    with monkeypatch.context() as m:
-        for owner, name in FORBIDDEN:
-            m.setattr(owner, name, forbid(name))
-        yield
-
-
 def test_the_hook_path_makes_no_sync_forcing_call(digits, monkeypatch):
     x, y, _ = digits
     steps = []
@@ -232,13 +216,13 @@ def test_the_hook_path_makes_no_sync_forcing_call(digits, monkeypatch):
             }
 
         def training_step(self, batch, batch_idx):
-            with no_host_sync(monkeypatch):
+            with no_host_sync(monkeypatch, FORBIDDEN):
                 out = super().training_step(batch, batch_idx)
             steps.append("train")
             return out
 
         def validation_step(self, batch, batch_idx):
-            with no_host_sync(monkeypatch):
+            with no_host_sync(monkeypatch, FORBIDDEN):
                 out = super().validation_step(batch, batch_idx)
             steps.append("val")
             return out
@@ -247,6 +231,6 @@ def test_the_hook_path_makes_no_sync_forcing_call(digits, monkeypatch):
     dl = DataLoader(TensorDataset(x[:320], y[:320]), batch_size=BATCH)
     trainer(limit_train_batches=3).fit(model, dl, dl)
     assert steps.count("train") == 3 and steps.count("val") == 5 + 2  # the sanity check's 2 batches, then 5
-    with no_host_sync(monkeypatch), pytest.raises(AssertionError, match="host-device sync: item"):
+    with no_host_sync(monkeypatch, FORBIDDEN), pytest.raises(AssertionError, match="host-device sync: item"):
         torch.ones(1).item()
     assert np.isfinite(model.metrics_history[0]["val/parity_acc"])

@@ -1,10 +1,10 @@
-import contextlib
 import math
 
 import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
+from host_sync import no_host_sync
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, TQDMProgressBar
 from sklearn.datasets import load_digits
 from sklearn.metrics import accuracy_score, f1_score, log_loss
@@ -264,35 +264,19 @@ FORBIDDEN = {
 }
 
 
-@contextlib.contextmanager
-def no_host_sync(monkeypatch):
-    """Make every call that reads a device tensor back to the host raise (as it would sync on a GPU)."""
-
-    def forbid(name):
-        def raiser(*args, **kwargs):
-            raise AssertionError(f"host-device sync: {name} called in the step path")
-
-        return raiser
-
-    with monkeypatch.context() as m:
-        for owner, name in FORBIDDEN:
-            m.setattr(owner, name, forbid(name))
-        yield
-
-
 def test_step_path_makes_no_sync_forcing_call(digits, monkeypatch):
     x, y = digits
     steps = []
 
     class Guarded(Lit):
         def training_step(self, batch, batch_idx):
-            with no_host_sync(monkeypatch):
+            with no_host_sync(monkeypatch, FORBIDDEN):
                 out = super().training_step(batch, batch_idx)
             steps.append("train")
             return out
 
         def validation_step(self, batch, batch_idx):
-            with no_host_sync(monkeypatch):
+            with no_host_sync(monkeypatch, FORBIDDEN):
                 out = super().validation_step(batch, batch_idx)
             steps.append("val")
             return out
@@ -301,7 +285,7 @@ def test_step_path_makes_no_sync_forcing_call(digits, monkeypatch):
     model.configure_metrics = lambda: {"acc": MulticlassAccuracy(10, average="micro", validate_args=False)}
     trainer(max_epochs=1, limit_train_batches=3).fit(model, loader(x, y), loader(x[:300], y[:300]))
     assert steps.count("train") == 3 and steps.count("val") > 2
-    with no_host_sync(monkeypatch), pytest.raises(AssertionError, match="host-device sync: item"):
+    with no_host_sync(monkeypatch, FORBIDDEN), pytest.raises(AssertionError, match="host-device sync: item"):
         torch.ones(1).item()
 
 
@@ -332,13 +316,13 @@ def test_exact_loss_paths_make_no_sync_forcing_call(digits, monkeypatch, criteri
             return out if isinstance(self.criterion, nn.CrossEntropyLoss) else out.log_softmax(1)
 
         def training_step(self, batch, batch_idx):
-            with no_host_sync(monkeypatch):
+            with no_host_sync(monkeypatch, FORBIDDEN):
                 out = super().training_step(batch, batch_idx)
             steps.append("train")
             return out
 
         def validation_step(self, batch, batch_idx):
-            with no_host_sync(monkeypatch):
+            with no_host_sync(monkeypatch, FORBIDDEN):
                 out = super().validation_step(batch, batch_idx)
             steps.append("val")
             return out

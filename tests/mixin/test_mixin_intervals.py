@@ -3,13 +3,12 @@ else, without a sync per batch, the same at any batch size."""
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
 
 import lightning.pytorch as pl
 import pytest
 import torch
+from host_sync import no_host_sync
 from scipy import stats
 from sklearn.datasets import load_digits
 from statsmodels.stats.proportion import proportion_confint
@@ -23,20 +22,6 @@ from lightning_validate import Intervals, ModeCheck, ValidationMixin
 FORBIDDEN = [(Tensor, "item"), (Tensor, "tolist"), (Tensor, "cpu"), (Tensor, "numpy"), (Tensor, "__bool__"),
              (Tensor, "__float__"), (Tensor, "__int__"), (Tensor, "nonzero"), (torch, "nonzero"),
              (torch, "unique"), (Tensor, "masked_select")]
-
-
-@contextlib.contextmanager
-def no_host_sync(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    def forbid(name: str):  # type: ignore[no-untyped-def]
-        def raiser(*args: object, **kwargs: object) -> None:
-            raise AssertionError(f"host-device sync: {name} called in the step path")
-
-        return raiser
-
-    with monkeypatch.context() as m:
-        for owner, name in FORBIDDEN:
-            m.setattr(owner, name, forbid(name))
-        yield
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +122,7 @@ def test_the_step_path_makes_no_sync_with_intervals(digits, monkeypatch) -> None
                     "f1": MulticlassF1Score(10, average="macro", validate_args=False)}  # the bootstrap's path
 
         def validation_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
-            with no_host_sync(monkeypatch):
+            with no_host_sync(monkeypatch, FORBIDDEN):
                 out = super().validation_step(batch, batch_idx)
             steps.append(batch_idx)
             return out
