@@ -16,6 +16,7 @@ and the worker's own error goes on either way.
 
 from __future__ import annotations
 
+import socket
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,7 +27,14 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from typing_extensions import override
 
-__all__ = ["DDPSpawn", "end_process_group", "ended_process_group"]
+__all__ = ["DDPSpawn", "end_process_group", "ended_process_group", "free_port"]
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now, for a process group's rendezvous (``tcp://127.0.0.1:<port>``)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def end_process_group(timeout_s: float = 60.0) -> bool:

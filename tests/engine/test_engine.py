@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import copy
-import socket
 from collections.abc import Iterator
 
 import pytest
 import torch
+from distributed_exit import free_port
 from torch import nn
 
 from lightning_validate.engine import (
@@ -324,17 +324,11 @@ def test_data_parallel_is_looked_through() -> None:
     _assert_same_as_bare(nn.DataParallel(bare), bare)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 def gloo_group() -> Iterator[None]:
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{_free_port()}")
+    dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{free_port()}")
     try:
         yield
     finally:

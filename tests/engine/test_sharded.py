@@ -6,11 +6,11 @@ With one rank every shard is the whole tensor, which is what makes the expected 
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterator
 
 import pytest
 import torch
+from distributed_exit import free_port
 from torch import nn
 
 from lightning_validate.engine import compare, take_snapshot
@@ -22,17 +22,11 @@ if not dist.is_available():
     pytest.skip("this build of torch has no torch.distributed", allow_module_level=True)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 def mesh() -> Iterator[object]:
     from torch.distributed.device_mesh import init_device_mesh
 
-    dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{_free_port()}")
+    dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{free_port()}")
     try:
         yield init_device_mesh("cpu", (1,))
     finally:
@@ -123,7 +117,7 @@ def test_a_plain_model_pays_no_dtensor_import() -> None:
 
 @pytest.fixture
 def gloo_group() -> Iterator[None]:
-    dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{_free_port()}")
+    dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{free_port()}")
     try:
         yield
     finally:

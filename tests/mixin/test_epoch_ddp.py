@@ -10,7 +10,6 @@ returns too early.
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -18,7 +17,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from distributed_exit import ended_process_group
+from distributed_exit import ended_process_group, free_port
 from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 
@@ -64,12 +63,6 @@ def reduce_on_rank(rank: int, port: int, folder: str) -> None:
             assert epoch.values(totals, torch.device("cpu")) == {"val/loss": pytest.approx(5 / 3)}
         assert held == [], f"rank {rank}: the backend still held the reduction's tensors after reductions {held}"
         Path(folder, f"done-{rank}").write_text(str(REDUCTIONS))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.mark.ddp

@@ -10,14 +10,13 @@ the hundred exchanges below catch an exchange that returns too early.
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from distributed_exit import ended_process_group
+from distributed_exit import ended_process_group, free_port
 
 from lightning_validate.findings import Finding, make_finding
 from lightning_validate.mode_check.rank_agreement import share_findings
@@ -67,12 +66,6 @@ def exchange_on_rank(rank: int, port: int, folder: str) -> None:
                 held.append(i)
         assert held == [], f"rank {rank}: the backend still held the exchange's tensors after exchanges {held}"
         Path(folder, f"done-{rank}").write_text(str(EXCHANGES))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.mark.ddp
