@@ -131,8 +131,9 @@ def main() -> None:
             out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout
             for setup, outcomes in json.loads(out.strip().splitlines()[-1]).items():
                 key = ("-" if setup == "bare" else name, setup)
+                row = totals.setdefault(key, {})
                 for outcome, k in outcomes.items():
-                    totals.setdefault(key, {})[outcome] = totals.setdefault(key, {}).get(outcome, 0) + k
+                    row[outcome] = row.get(outcome, 0) + k
         done += n
         print(f"{done}/{args.trials} trials, {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
     print(f"\n{platform.processor() or platform.machine()}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}, "
