@@ -6,8 +6,9 @@ import warnings
 
 import pytest
 import torch
+from host_sync import no_host_sync
 from loss_cases import CASE_IDS, CASES, Case
-from test_loss_terms import no_host_sync
+from test_loss_terms import FORBIDDEN
 from torch import Tensor, nn
 from torch.nn import functional as F
 
@@ -26,7 +27,7 @@ def test_a_loss_module_called_inside_gives_its_own_terms(case: Case, monkeypatch
     criterion = case.make()
     outputs, target = case.outputs, case.target
     is_sum = criterion.reduction == "sum"
-    with no_host_sync(monkeypatch):
+    with no_host_sync(monkeypatch, FORBIDDEN):
         value, terms = recorded_terms(lambda o, t: criterion(o, t), outputs, target, is_sum=is_sum)
     if case.name in NOT_RECORDED:
         assert terms is None
